@@ -1,0 +1,1043 @@
+"""
+mdlm.py: a Masked Diffusion Language Model, from scratch, in one file.
+
+A GPT writes text left to right, one character per forward pass. A masked diffusion LM starts
+from a line made only of [MASK] and, over a few dozen passes, replaces masks with characters
+anywhere in the line, each pass seeing the whole line in both directions. Training is BERT's
+masked-token prediction with one change: the fraction of masked tokens is drawn fresh for every
+sequence, from 0 to 1, and the losses are weighted so that their sum is an upper bound on the
+negative log-likelihood (MDLM, Sahoo et al. 2024; LLaDA, Nie et al. 2025).
+
+Read this file top to bottom: config, data, the forward (masking) process, the model, the loss,
+training, sampling, prompt completion and infilling, evaluation, command line.
+
+    pip install -r requirements.txt
+    python mdlm.py --train                    # CPU: the 'tiny' preset, a few minutes
+    python mdlm.py --sample --show            # watch text come out of pure [MASK] noise
+    python mdlm.py --complete "ROMEO:"        # prompt completion
+    python mdlm.py --infill "To [___] or not to [___]"
+    python mdlm.py --eval                     # the likelihood bound, in bits per character
+    python mdlm.py --train --preset base      # the lesson's full model (a GPU: ~12M params)
+    torchrun --standalone --nproc_per_node=8 mdlm.py --train    # several GPUs
+"""
+
+import argparse
+import contextlib
+import csv
+import hashlib
+import math
+import os
+import re
+import signal
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Config: the model's shape lives in a dataclass; each preset adds training defaults.
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 66     # 65 characters of Tiny Shakespeare + [MASK] (always the last id)
+    block_size: int = 256    # the longest sequence the model reads at once
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.2
+    use_time: bool = True    # condition on the noise level t through adaLN (it is optional: see the model)
+    rope: bool = True        # rotary position embeddings (False: learned absolute positions)
+
+# 'base' is the lesson's model, shaped like nanoGPT's char-level Shakespeare GPT (6 x 384, context
+# 256, dropout 0.2): 12.2M parameters with time conditioning, 10.8M without. 'tiny' is sized so
+# that `python mdlm.py --train` finishes in under 450 s on a 2-core laptop CPU.
+PRESETS = {
+    'base': dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2,
+                 batch_size=64, max_iters=5000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
+                 eval_interval=250, eval_iters=50, log_interval=10),
+    'tiny': dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0,
+                 batch_size=32, max_iters=3000, lr=3e-3, min_lr=3e-4, warmup_iters=100,
+                 eval_interval=500, eval_iters=10, log_interval=100),
+}
+EPS = 1e-3          # training draws t from [EPS, 1]: t = 0 would mask nothing and weigh 1/t = inf
+MASK_GLYPH = '■'    # how a [MASK] is drawn on screen
+
+# -----------------------------------------------------------------------------
+# Data: Tiny Shakespeare, a character tokenizer, and one extra token, [MASK].
+# A GPT's target is its input shifted by one. Here the target is the clean text itself: the
+# input is the same text with some characters hidden, and the model must say what was there.
+
+DATA_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
+DATA_SHA256 = '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'
+DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'input.txt')
+
+class CliError(Exception):
+    """A mistake of the user's or of the environment: main() prints it as one line, no traceback."""
+
+def download_data(path, url=DATA_URL, sha256=DATA_SHA256, opener=urllib.request.urlopen):
+    """Fetch Tiny Shakespeare, check its sha256, and write it atomically (never a partial file)."""
+    try:
+        with opener(url, timeout=30) as response:
+            raw = response.read()
+    except (urllib.error.URLError, OSError) as e:
+        raise CliError(f'could not download {url} ({e}); put Tiny Shakespeare at {path} '
+                       f'or pass --data FILE')
+    if hashlib.sha256(raw).hexdigest() != sha256:
+        raise CliError(f'the download from {url} has the wrong sha256; nothing written to {path}')
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or '.', prefix='.input-')
+    with os.fdopen(fd, 'wb') as f:
+        f.write(raw)
+    os.replace(tmp, path)
+
+def load_text(path, allow_download=False):
+    if not os.path.exists(path):
+        if not allow_download:
+            raise CliError(f'no data file at {path}')
+        print(f'downloading Tiny Shakespeare to {path}', file=sys.stderr)
+        download_data(path)
+    try:
+        with open(path, encoding='utf-8') as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise CliError(f'{path} is not UTF-8 text')
+    except OSError as e:
+        raise CliError(f'cannot read {path}: {e.strerror}')
+    if not text:
+        raise CliError(f'{path} is empty')
+    return text
+
+class Tokenizer:
+    """Characters <-> ids. The vocabulary is the sorted set of the training text's characters,
+    and [MASK] gets the last id, V - 1. It is stored in every checkpoint, so a trained model
+    never needs the text again."""
+    def __init__(self, chars):
+        self.itos = list(chars)                     # id -> char; [MASK] is not in here
+        self.stoi = {c: i for i, c in enumerate(self.itos)}
+        self.mask_id = len(self.itos)
+        self.vocab_size = len(self.itos) + 1        # + [MASK]
+
+    @classmethod
+    def from_text(cls, text):
+        return cls(sorted(set(text)))
+
+    def encode(self, s):
+        unknown = sorted(set(c for c in s if c not in self.stoi))
+        if unknown:   # a silent fallback to some id would corrupt the input; refuse instead
+            raise CliError(f'characters not in the vocabulary: {" ".join(repr(c) for c in unknown)}')
+        return [self.stoi[c] for c in s]
+
+    def decode(self, ids):
+        return ''.join(MASK_GLYPH if i == self.mask_id else self.itos[i] for i in ids)
+
+def split_data(text, tok, block_size):
+    """First 90% for training, last 10% held out for the likelihood, as nanoGPT does."""
+    data = torch.tensor(tok.encode(text), dtype=torch.long)
+    n = int(0.9 * len(data))
+    train, val = data[:n], data[n:]
+    if len(val) < block_size + 1:
+        raise CliError(f'the data has {len(data)} characters: too few for block_size {block_size} '
+                       f'(each split needs at least {block_size + 1})')
+    return train, val
+
+def get_batch(data, batch_size, block_size, generator):
+    """(B, T) windows of clean text, x0, at random offsets."""
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator, device=data.device)
+    return data[ix[:, None] + torch.arange(block_size, device=data.device)]   # (B, T)
+
+# -----------------------------------------------------------------------------
+# The forward process: how text is destroyed.
+# At time t in [0, 1] every character is replaced by [MASK] independently with probability t
+# (the linear schedule: alpha_t = 1 - t is the chance a character is still clean). t = 0 is the
+# text, t = 1 is pure noise: a row of masks. [MASK] absorbs: a masked character stays masked as
+# t grows. That is the whole corruption process, and why the reverse process can be so simple.
+
+def forward_mask(x0, t, mask_id, generator=None):
+    """x0: (B, T) clean ids; t: (B,) mask probabilities. Returns xt (B, T) and the mask (B, T)."""
+    u = torch.rand(x0.shape, generator=generator, device=x0.device)
+    mask = u < t[:, None]
+    return x0.masked_fill(mask, mask_id), mask
+
+def show_noise(text, tok, seed=0):
+    """The lesson's picture: one line at t = 0, 0.2, ..., 1. With 40% gone you can still read it."""
+    x0 = torch.tensor([tok.encode(text)])
+    g = torch.Generator().manual_seed(seed)
+    lines = []
+    for t in [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]:
+        xt, _ = forward_mask(x0, torch.tensor([t]), tok.mask_id, g)
+        lines.append(f't={t:.1f}  {tok.decode(xt[0].tolist())}')
+    return '\n'.join(lines)
+
+# -----------------------------------------------------------------------------
+# The model: a bidirectional transformer that reads xt (and t) and predicts x0 everywhere.
+# It is a GPT block for block, with three changes:
+#   1) no causal mask: every position attends to every other, both directions;
+#   2) the noise level t enters each block through adaLN (a shift and scale of each LayerNorm);
+#   3) the output never predicts [MASK] (the "SUBS" parameterisation of MDLM).
+# Positions use rotary embeddings (RoPE, as MDLM's DiT does): attention scores then depend on the
+# distance between two characters, so "the character just left of me" is one learned pattern,
+# not 64 separate ones. On the CPU budget of `--train` this is worth ~0.4 nats/char (see README).
+
+def rope_tables(block_size, head_dim, base=10000.0):
+    """cos and sin of position * frequency, (T, head_dim / 2): one rotation angle per pair."""
+    freqs = base ** (-torch.arange(0, head_dim, 2).float() / head_dim)
+    angles = torch.outer(torch.arange(block_size).float(), freqs)
+    return angles.cos(), angles.sin()
+
+def apply_rope(x, cos, sin):
+    """Rotate each pair (x1, x2) of channels of x (B, nh, T, hs) by its position's angle."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+def manual_attention(q, k, v):
+    """What F.scaled_dot_product_attention computes (without dropout), spelled out:
+    softmax(q k^T / sqrt(hs)) v. A GPT would fill the upper triangle of `att` with -inf here;
+    a diffusion LM does not, and that is the only difference. Used by tests and --bench."""
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))   # (B, nh, T, T)
+    return att.softmax(dim=-1) @ v                              # (B, nh, T, hs)
+
+class SelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.dropout = config.n_head, config.dropout
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.fused = True    # False: the manual formula above (the --bench comparison)
+
+    def forward(self, x, rope):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        if rope is not None:                              # q, k, v: (B, nh, T, hs)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.fused:   # flash / memory-efficient kernels where the device has them
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        else:
+            y = manual_attention(q, k, v)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+class Block(nn.Module):
+    """Pre-LN transformer block. With time conditioning, each LayerNorm's output is shifted and
+    scaled by amounts computed from t: h = LN(x) * (1 + scale(t)) + shift(t)  (adaLN).
+    The projection that makes shift and scale starts at zero ("adaLN-Zero", as in DiT and MDLM),
+    so at step 0 the model is exactly the plain transformer and ignores t; it learns to use t only
+    where that lowers the loss."""
+    def __init__(self, config):
+        super().__init__()
+        C = config.n_embd
+        self.ln1 = nn.LayerNorm(C, elementwise_affine=False)
+        self.attn = SelfAttention(config)
+        self.ln2 = nn.LayerNorm(C, elementwise_affine=False)
+        self.mlp = nn.Sequential(nn.Linear(C, 4 * C, bias=False), nn.GELU(),
+                                 nn.Linear(4 * C, C, bias=False))
+        self.drop = nn.Dropout(config.dropout)
+        self.ln_gain = nn.Parameter(torch.ones(2, C))   # the usual LayerNorm gains
+        self.ada = nn.Linear(TIME_DIM, 4 * C) if config.use_time else None
+
+    def forward(self, x, cond, rope):
+        g1, g2 = self.ln_gain
+        h1, h2 = self.ln1(x) * g1, None
+        if self.ada is not None:               # cond: (B, TIME_DIM) -> 4 x (B, 1, C)
+            shift1, scale1, shift2, scale2 = self.ada(cond)[:, None, :].chunk(4, dim=-1)
+            h1 = h1 * (1 + scale1) + shift1
+        x = x + self.drop(self.attn(h1, rope))
+        h2 = self.ln2(x) * g2
+        if self.ada is not None:
+            h2 = h2 * (1 + scale2) + shift2
+        return x + self.drop(self.mlp(h2))
+
+TIME_DIM = 128   # width of the time embedding that feeds every block's adaLN
+
+class MDLM(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        C = config.n_embd
+        self.tok_emb = nn.Embedding(config.vocab_size, C)
+        self.pos_emb = None if config.rope else nn.Embedding(config.block_size, C)
+        self.time_mlp = nn.Sequential(nn.Linear(TIME_DIM, TIME_DIM), nn.SiLU(),
+                                      nn.Linear(TIME_DIM, TIME_DIM), nn.SiLU()) if config.use_time else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(C)
+        self.head = nn.Linear(C, config.vocab_size, bias=False)
+        self.head.weight = self.tok_emb.weight    # weight tying: reading and writing a char share a vector
+        if config.rope:
+            cos, sin = rope_tables(config.block_size, C // config.n_head)
+            self.register_buffer('rope_cos', cos, persistent=False)   # not saved: derived
+            self.register_buffer('rope_sin', sin, persistent=False)
+        # init as GPT-2: N(0, 0.02), residual projections scaled down by depth; adaLN at zero
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith(('proj.weight', 'mlp.2.weight')) else 0.02
+                nn.init.normal_(p, std=std)
+            elif name.endswith('.bias'):
+                nn.init.zeros_(p)
+        for block in self.blocks:
+            if block.ada is not None:
+                nn.init.zeros_(block.ada.weight)
+
+    def time_embedding(self, t):
+        """Sinusoids of t (B,) at geometric frequencies, then an MLP: (B, TIME_DIM)."""
+        half = TIME_DIM // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
+        angles = 1000.0 * t.float()[:, None] * freqs[None, :]   # x1000: t is in [0, 1]
+        return self.time_mlp(torch.cat([angles.sin(), angles.cos()], dim=-1))
+
+    def forward(self, xt, t):
+        """xt: (B, T) ids with [MASK]s; t: (B,) noise levels. Returns logits (B, T, V)."""
+        B, T = xt.shape
+        x = self.tok_emb(xt)                                                       # (B, T, C)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(T, device=xt.device))
+        x = self.drop(x)
+        rope = (self.rope_cos[:T], self.rope_sin[:T]) if self.config.rope else None
+        cond = self.time_embedding(t) if self.time_mlp is not None else None      # (B, TIME_DIM)
+        for block in self.blocks:
+            x = block(x, cond, rope)
+        logits = self.head(self.ln_f(x))                                           # (B, T, V)
+        # SUBS: the clean text never contains [MASK], so the model may not predict it. With
+        # [MASK] out of the softmax, an untrained model's loss is log(V - 1) = log 65, not log 66.
+        return logits.float().index_fill(-1, torch.tensor([self.config.vocab_size - 1], device=xt.device),
+                                         float('-inf'))
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())   # tied weights are counted once
+
+# -----------------------------------------------------------------------------
+# The loss. First the intuitive version (the lesson plan's): mask with a random t, and average
+# the cross-entropy over the masked positions. It trains a fine denoiser, but it is not a bound.
+# The real objective is the continuous-time negative ELBO (MDLM eq. 10), per character:
+#
+#     NELBO(x0) = E_t [ 1/(t L) * sum over masked i of -log p(x0_i | xt) ]
+#
+# The weight 1/t = -alpha'_t / (1 - alpha_t) comes from the linear schedule. At small t few
+# characters are masked but each one is worth more; dividing by L (the sequence length), not by
+# the number of masks, is what turns the sum into nats per character, a bound on -log p(x0) / L.
+# So: MDLM is BERT with a random mask rate and a 1/t weight. That is the whole trick.
+
+def masked_ce(logits, x0, mask):
+    """Cross-entropy at the masked positions only: (B, T) with zeros elsewhere."""
+    ce = F.cross_entropy(logits.transpose(1, 2), x0, reduction='none')   # (B, T)
+    return ce * mask
+
+def naive_loss(model, x0, generator=None):
+    """The lesson plan's loss: masked CE pooled over the batch. Not a bound (it over-weights large t)."""
+    t = torch.rand(x0.size(0), generator=generator, device=x0.device)
+    xt, mask = forward_mask(x0, t, model.config.vocab_size - 1, generator)
+    return masked_ce(model(xt, t), x0, mask).sum() / mask.sum().clamp(min=1)
+
+def antithetic_t(batch_size, generator, device, offset=0, total=None):
+    """t for a batch, stratified: one u ~ U(0,1) shifted by i / total, so the batch covers [EPS, 1]
+    evenly. Each t is still uniform, but the batch's loss varies far less than with i.i.d. t.
+    (offset, total): this batch's slice of a larger stratified batch (DDP, grad accumulation)."""
+    total = total or batch_size
+    u = torch.rand(1, generator=generator, device=device)
+    i = torch.arange(offset, offset + batch_size, device=device)
+    return EPS + (1 - EPS) * ((u + i / total) % 1)
+
+def nelbo_loss(logits, x0, mask, t):
+    """The training loss: the NELBO above, averaged over the batch, in nats per character."""
+    per_seq = masked_ce(logits, x0, mask).sum(1) / (t * x0.size(1))   # (B,)
+    return per_seq.mean()
+
+# -----------------------------------------------------------------------------
+# Evaluation: an honest likelihood bound, held out, deterministic, low variance.
+# Training's estimator (random t, Bernoulli masks) is unbiased but noisy. For evaluation, count
+# masks instead of drawing t: mask exactly k of the L positions, k spread evenly over 1..L across
+# the batch, and weigh by 1/k (LLaDA's estimator). For a model that ignores t this is exactly the
+# NELBO: integrating (1/t) P(k masked | t) over t gives 1/k. The model is told t = k / L; for a
+# time-conditioned model the estimate is then the any-order autoregressive bound of the model's
+# own conditionals, still an upper bound on -log p of a generator (unmask one char at a time).
+
+def exact_k_mask(B, L, generator, device):
+    """(B, L) masks with exactly k_b positions set, k_b stratified over 1..L. Returns mask, k."""
+    u = torch.rand(1, generator=generator, device=device)
+    k = 1 + ((u + torch.arange(B, device=device) / B) % 1 * L).long().clamp(max=L - 1)   # (B,)
+    rank = torch.rand(B, L, generator=generator, device=device).argsort(1).argsort(1)
+    return rank < k[:, None], k
+
+@torch.no_grad()
+def nelbo_per_seq(model, x0, generator):
+    """Unbiased NELBO estimate per sequence (B,), in nats per character."""
+    mask, k = exact_k_mask(*x0.shape, generator, x0.device)
+    xt = x0.masked_fill(mask, model.config.vocab_size - 1)
+    logits = model(xt, k / x0.size(1))
+    return masked_ce(logits, x0, mask).sum(1) / k
+
+@torch.no_grad()
+def estimate_nelbo(model, data, n_batches, batch_size, seed=1234, autocast=contextlib.nullcontext):
+    """Mean NELBO (nats/char) and its standard error over n_batches seeded batches of `data`.
+    The fixed seed means the same windows and masks every call: evals are comparable."""
+    was_training = model.training
+    model.eval()
+    g = torch.Generator(device=data.device).manual_seed(seed)
+    values = []
+    for _ in range(n_batches):
+        x0 = get_batch(data, batch_size, model.config.block_size, g)
+        with autocast():
+            values.append(nelbo_per_seq(model, x0, g).float())
+    model.train(was_training)
+    v = torch.cat(values)
+    return v.mean().item(), (v.std() / math.sqrt(len(v))).item() if len(v) > 1 else float('nan')
+
+@torch.no_grad()
+def ce_per_noise_level(model, data, ts, n_batches, batch_size, seed=1234):
+    """Masked CE (nats per masked char) at fixed t: how hard each noise level is."""
+    model.eval()
+    g = torch.Generator(device=data.device).manual_seed(seed)
+    rows = []
+    for t in ts:
+        total, count = 0.0, 0
+        for _ in range(n_batches):
+            x0 = get_batch(data, batch_size, model.config.block_size, g)
+            tt = torch.full((batch_size,), t, device=data.device)
+            xt, mask = forward_mask(x0, tt, model.config.vocab_size - 1, g)
+            total += masked_ce(model(xt, tt), x0, mask).sum().item()
+            count += mask.sum().item()
+        rows.append(total / max(count, 1))
+    return rows
+
+# -----------------------------------------------------------------------------
+# Training: AdamW, warmup then cosine, gradient clipping, seeded everything, atomic checkpoints.
+
+def get_lr(it, args):
+    if it < args.warmup_iters:                                   # 1) linear warmup
+        return args.lr * (it + 1) / args.warmup_iters
+    if it >= args.max_iters:
+        return args.min_lr
+    progress = (it - args.warmup_iters) / max(1, args.max_iters - args.warmup_iters)
+    return args.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)  # 2) cosine
+
+def save_checkpoint(path, ckpt):
+    """Write to a temporary file beside `path`, fsync, then rename over it: a crash at any moment
+    leaves either the old checkpoint or the new one, never half of one."""
+    d = os.path.dirname(path) or '.'
+    fd, tmp = tempfile.mkstemp(dir=d, prefix='.ckpt-', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    with contextlib.suppress(OSError):   # make the rename itself durable
+        dfd = os.open(d, os.O_RDONLY)
+        os.fsync(dfd)
+        os.close(dfd)
+
+def load_checkpoint(path):
+    """Load with weights_only=True: tensors and plain values only, so a hostile file cannot run code."""
+    if not os.path.exists(path):
+        raise CliError(f'no checkpoint at {path}; train one with: python mdlm.py --train')
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise CliError(f'{path} is not a loadable checkpoint ({reason})')
+    if not isinstance(ckpt, dict) or ckpt.get('format') != 'mdlm-1':
+        raise CliError(f'{path} is not an mdlm checkpoint')
+    return ckpt
+
+def model_from_checkpoint(ckpt, device='cpu'):
+    try:
+        config = ModelConfig(**ckpt['config'])
+        model = MDLM(config)
+        model.load_state_dict(ckpt['model'])
+        tok = Tokenizer(ckpt['vocab'])
+        assert tok.vocab_size == config.vocab_size
+    except Exception as e:
+        raise CliError(f'the checkpoint does not hold a valid mdlm model ({type(e).__name__})')
+    return model.to(device).eval(), tok
+
+def ddp_setup(device_arg):
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: one process per device, nanoGPT style."""
+    if int(os.environ.get('WORLD_SIZE', 1)) == 1:
+        return 0, 1, pick_device(device_arg)
+    import torch.distributed as dist
+    rank, world, local = (int(os.environ[k]) for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'))
+    device = device_arg or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if device.startswith('cuda'):
+        device = f'cuda:{local}'
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    return rank, world, device
+
+class StopRequested(Exception):
+    pass
+
+def train(args):
+    rank, world, device = ddp_setup(args.device)
+    master = rank == 0
+    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if master else (lambda *a: None)
+    preset = resolve(args, 'cpu' if device == 'cpu' else 'gpu')
+    ckpt_path = os.path.join(args.out_dir, 'ckpt.pt')
+    ckpt = load_checkpoint(ckpt_path) if args.resume else None
+
+    # 1) data and vocabulary (a resumed run keeps the checkpoint's vocabulary)
+    text = load_text(args.data, allow_download=args.data == DEFAULT_DATA)
+    tok = Tokenizer(ckpt['vocab']) if ckpt else Tokenizer.from_text(text)
+    train_data, val_data = (d.to(device) for d in split_data(text, tok, args.block_size))
+    if len(train_data) < args.block_size + 1:
+        raise CliError(f'the training split is shorter than block_size + 1 = {args.block_size + 1}')
+
+    # 2) model, optimizer; on --resume the checkpoint's architecture wins, asked-for changes are refused
+    if ckpt:
+        saved = ckpt['config']
+        for k in ARCH_FLAGS:
+            given = getattr(args, k) if k in args.explicit else None
+            if given is not None and given != saved[k]:
+                raise CliError(f'cannot resume with --{k.replace("_", "-")} {given}: '
+                               f'the checkpoint was trained with {saved[k]}')
+        config = ModelConfig(**saved)
+        config.dropout = args.dropout if 'dropout' in args.explicit else saved['dropout']
+    else:
+        config = ModelConfig(vocab_size=tok.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
+                             n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
+                             use_time=args.use_time, rope=args.rope)
+    args.block_size = config.block_size
+    torch.manual_seed(args.seed + rank)      # dropout differs per rank; data and noise do not
+    model = MDLM(config).to(device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': args.weight_decay},
+                                   {'params': no_decay, 'weight_decay': 0.0}],
+                                  lr=args.lr, betas=(0.9, 0.99), fused=device.startswith('cuda'))
+    # every rank draws the same global batch and noise, then keeps its slice: DDP on N ranks
+    # sees exactly the batches (and the stratified t) of one process with an N times larger batch
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    it, best_val = 0, float('inf')
+    if ckpt:
+        model.load_state_dict(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        it, best_val = ckpt['iter'], ckpt['best_val']
+        gen.set_state(ckpt['rng']['gen'])
+        torch.set_rng_state(ckpt['rng']['torch'])
+        if device.startswith('cuda') and ckpt['rng'].get('cuda') is not None:
+            torch.cuda.set_rng_state(ckpt['rng']['cuda'])
+        changed = [f'{k}: {ckpt["args"].get(k)} -> {getattr(args, k)}' for k in
+                   ('max_iters', 'lr', 'min_lr', 'warmup_iters', 'batch_size', 'weight_decay')
+                   if ckpt['args'].get(k) != getattr(args, k)]
+        log(f'resuming from {ckpt_path} at step {it}' + (f' ({", ".join(changed)})' if changed else ''))
+    if device.startswith('cuda'):   # TF32 matmuls: ~fp32 accuracy at tensor-core speed
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    raw_model = model
+    if args.compile:
+        model = torch.compile(model)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        model = DistributedDataParallel(model, device_ids=[device] if device.startswith('cuda') else None)
+    autocast = autocast_for(device, args.dtype)
+    log(f'device {device}{f" x {world}" if world > 1 else ""} | preset {preset} | '
+        f'{raw_model.num_params() / 1e6:.2f}M parameters | {asdict(config)}')
+
+    def save(iteration):
+        if master:
+            os.makedirs(args.out_dir, exist_ok=True)
+            save_checkpoint(ckpt_path, {
+                'format': 'mdlm-1', 'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+                'config': asdict(config), 'vocab': tok.itos, 'iter': iteration, 'best_val': best_val,
+                'args': {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
+                'rng': {'gen': gen.get_state(), 'torch': torch.get_rng_state(),
+                        'cuda': torch.cuda.get_rng_state() if device.startswith('cuda') else None}})
+
+    # 3) Ctrl-C / SIGTERM: finish the step in flight, save, say how to resume
+    stop = []
+    handler = lambda signum, frame: stop.append(signum)
+    old_handlers = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    B, T, G = args.batch_size, config.block_size, args.grad_accum
+    t0, start_it, loss = time.time(), it, None
+    try:
+        while True:
+            # 4) evaluate and checkpoint; not again at the step a resumed run starts from
+            if (it % args.eval_interval == 0 or it == args.max_iters) and not (ckpt and it == start_it):
+                if loss is not None and not math.isfinite(loss.item()):
+                    raise CliError(f'the loss is not finite at step {it}; '
+                                   f'kept the last good checkpoint {ckpt_path}')
+                train_nelbo, _ = estimate_nelbo(raw_model, train_data, args.eval_iters, B, autocast=autocast)
+                val_nelbo, val_se = estimate_nelbo(raw_model, val_data, args.eval_iters, B, autocast=autocast)
+                best_val = min(best_val, val_nelbo)
+                log(f'step {it} | train nelbo {train_nelbo:.4f} | val nelbo {val_nelbo:.4f} '
+                    f'+- {val_se:.4f} nats/char ({val_nelbo / math.log(2):.4f} bits/char) '
+                    f'| {time.time() - t0:.0f}s')
+                if master:
+                    os.makedirs(args.out_dir, exist_ok=True)
+                    log_path = os.path.join(args.out_dir, 'log.csv')
+                    new = not os.path.exists(log_path) or not ckpt and it == 0
+                    with open(log_path, 'w' if new else 'a', newline='') as f:
+                        w = csv.writer(f)
+                        if new:
+                            w.writerow(['step', 'train_nelbo', 'val_nelbo', 'val_se', 'seconds'])
+                        w.writerow([it, f'{train_nelbo:.5f}', f'{val_nelbo:.5f}', f'{val_se:.5f}',
+                                    f'{time.time() - t0:.1f}'])
+                save(it)
+            if it >= args.max_iters:
+                break
+            if stop:
+                raise StopRequested
+            # 5) one optimisation step: G micro-batches, gradients synced on the last one only
+            lr = get_lr(it, args)
+            for group in optimizer.param_groups:
+                group['lr'] = lr
+            for micro in range(G):
+                x0 = get_batch(train_data, B * world, T, gen)                  # (world * B, T)
+                tt = antithetic_t(B * world, gen, device)
+                xt, mask = forward_mask(x0, tt, tok.mask_id, gen)
+                x0, xt, mask, tt = (a[rank * B:(rank + 1) * B] for a in (x0, xt, mask, tt))
+                sync = contextlib.nullcontext() if world == 1 or micro == G - 1 else model.no_sync()
+                with sync, autocast():
+                    loss = nelbo_loss(model(xt, tt), x0, mask, tt) / G
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            it += 1
+            if it % args.log_interval == 0 or it == args.max_iters:   # the only host sync in the loop
+                lossf = loss.item() * G
+                if not math.isfinite(lossf):
+                    raise CliError(f'the loss is not finite at step {it}; '
+                                   f'kept the last good checkpoint {ckpt_path}')
+                dt = (time.time() - t0) / (it - start_it)
+                log(f'step {it} | loss {lossf:.4f} | lr {lr:.1e} | {dt * 1000:.1f}ms | '
+                    f'{B * T * G * world / dt:,.0f} tok/s | eta {dt * (args.max_iters - it):.0f}s')
+        log(f'done: best val nelbo {best_val:.4f} nats/char; checkpoint in {ckpt_path}')
+        return best_val
+    except StopRequested:
+        save(it)
+        log(f'stopped at step {it}; saved {ckpt_path}. Resume with: python mdlm.py --train --resume'
+            + (f' --out-dir {args.out_dir}' if args.out_dir != 'out' else ''))
+        raise SystemExit(130)
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        if world > 1:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# Sampling: the reverse process, from t = 1 (all masks) to t = 0 (text) in N steps.
+# One loop serves every use. Its input is a batch of rows in which [MASK] marks what to write:
+# everything for a sample, the tail after a prompt, the blanks of an infill. Tokens that are not
+# [MASK] (given, or committed in an earlier step) are never touched again. Each step the model
+# proposes a character for every masked position, and a rule decides which proposals to commit:
+#   'ancestral'  (MDLM): between t and s = t - 1/N each mask turns into its proposal with
+#                probability (alpha_s - alpha_t) / (1 - alpha_t) = (t - s) / t, else stays masked.
+#   'confidence' (MaskGIT, LLaDA): commit the k proposals the model is surest of; k per step is
+#                floor(M / N) (+1 in the first M mod N steps) so the M masks are gone after N steps.
+#   'random':    commit k proposals chosen at random (the plain baseline).
+# The model is told t = the fraction of its input that is masked. Then its output depends on the
+# input alone: when a step commits nothing, the next pass would give the same logits, so we reuse
+# them (MDLM's cache); at many steps most passes are skipped.
+
+RULES = ('confidence', 'ancestral', 'random')
+
+def propose(logits, temperature, top_k, generator):
+    """Sample a token per position from softmax(logits / temperature) by Gumbel-max in float64
+    (float32 Gumbel noise measurably cools the samples). Returns tokens and their probability
+    under the model (the confidence). temperature 0 is argmax."""
+    logits = logits.double()
+    if top_k:
+        kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float('-inf'))
+    if temperature > 0:
+        u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float64)
+        gumbel = -torch.log(-torch.log(u.clamp(min=1e-300)))
+        tokens = (logits / temperature + gumbel).argmax(-1)
+    else:
+        tokens = logits.argmax(-1)
+    conf = logits.softmax(-1).gather(-1, tokens[..., None])[..., 0]
+    return tokens, conf
+
+@torch.no_grad()
+def generate(model, x, steps, rule='confidence', temperature=1.0, top_k=None, generator=None,
+             on_step=None):
+    """Fill every [MASK] of x (B, T) in `steps` steps. Returns (x, forward passes used)."""
+    mask_id = model.config.vocab_size - 1
+    x = x.clone()
+    n_masked = (x == mask_id).sum(1)                                   # (B,) M per row
+    logits, passes = None, 0
+    for i in range(steps):
+        masked = x == mask_id                                          # (B, T)
+        if logits is None:
+            logits = model(x, masked.float().mean(1))                  # (B, T, V)
+            passes += 1
+        tokens, conf = propose(logits, temperature, top_k, generator)
+        if rule == 'ancestral':
+            t, s = 1 - i / steps, 1 - (i + 1) / steps
+            u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float64)
+            commit = masked & (u < (t - s) / t)                        # the last step: (t-s)/t = 1
+        else:
+            k = n_masked // steps + (i < n_masked % steps).long()      # (B,) commits this step
+            score = conf if rule == 'confidence' else torch.rand(
+                x.shape, generator=generator, device=x.device, dtype=torch.float64)
+            rank = score.masked_fill(~masked, -1.0).argsort(1, descending=True).argsort(1)
+            commit = masked & (rank < k[:, None])                      # the k best masked positions
+        x = torch.where(commit, tokens, x)
+        if commit.any():
+            logits = None                                              # the input changed: recompute
+        if on_step is not None:
+            on_step(i, x)
+    return x, passes
+
+def generate_text(model, prefix, length, num_samples, steps, rule, temperature=1.0, top_k=None,
+                  generator=None, on_step=None):
+    """`length` new tokens after `prefix` (a list of ids), for num_samples rows at once.
+    Longer than the context: semi-autoregressive blocks (LLaDA). Each window keeps as much of
+    the text so far as fits and generates at least a quarter of block_size new tokens."""
+    T, mask_id = model.config.block_size, model.config.vocab_size - 1
+    device = next(model.parameters()).device
+    out = torch.tensor(prefix, dtype=torch.long, device=device).repeat(num_samples, 1)   # (B, P)
+    passes = 0
+    while out.size(1) < len(prefix) + length:
+        n_new = min(len(prefix) + length - out.size(1), max(T - out.size(1), T // 4))
+        context = out[:, out.size(1) - min(out.size(1), T - n_new):]
+        x = torch.cat([context, torch.full((num_samples, n_new), mask_id, device=device)], 1)
+        x, p = generate(model, x, steps, rule, temperature, top_k, generator, on_step)
+        out, passes = torch.cat([out, x[:, -n_new:]], 1), passes + p
+    return out, passes
+
+BLANK = re.compile(r'\[_+\]')   # a blank: '[', one or more '_', ']'; it stands for as many chars as it is wide
+
+def parse_infill(text, tok):
+    """'To [___] or not' -> ids with [MASK] in the blanks. A blank is replaced by exactly as many
+    characters as the marker is wide ('[___]' is 5), so the answer lines up under the question."""
+    ids, pos = [], 0
+    for m in BLANK.finditer(text):
+        ids += tok.encode(text[pos:m.start()]) + [tok.mask_id] * (m.end() - m.start())
+        pos = m.end()
+    ids += tok.encode(text[pos:])
+    if tok.mask_id not in ids:
+        raise CliError('the text has no blank to fill: mark one with [___] (it is as long as it is wide)')
+    return ids
+
+# -----------------------------------------------------------------------------
+# Command line
+
+def load_for_inference(args):
+    device = pick_device(args.device)
+    ckpt = load_checkpoint(os.path.join(args.out_dir, 'ckpt.pt'))
+    model, tok = model_from_checkpoint(ckpt, device)
+    print(f'loaded {args.out_dir}/ckpt.pt: step {ckpt["iter"]}, {model.num_params() / 1e6:.2f}M parameters, '
+          f'device {device}', file=sys.stderr)
+    return model, tok, ckpt
+
+def show_frames(tok, width):
+    """--show: each step's text, redrawn in place on a terminal, else printed as a history."""
+    tty = sys.stderr.isatty()
+    def on_step(i, x):
+        frame = '\n'.join(f'step {i + 1:4d} | {tok.decode(row.tolist())}'.replace('\n', '\u21b5')
+                          for row in x)
+        if tty and i > 0:
+            sys.stderr.write(f'\x1b[{x.size(0)}F')    # cursor back up over the last frame
+        sys.stderr.write(frame + '\n')
+        sys.stderr.flush()
+    return on_step
+
+def run_generation(args):
+    model, tok, _ = load_for_inference(args)
+    T = model.config.block_size
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
+    on_step = show_frames(tok, T) if args.show else None
+    opts = dict(steps=args.steps, rule=args.rule, temperature=args.temperature, top_k=args.top_k,
+                generator=g, on_step=on_step)
+    if args.infill is not None:
+        ids = parse_infill(args.infill, tok)
+        if len(ids) > T:
+            raise CliError(f'the text is {len(ids)} characters with its blanks; this model reads at most {T}')
+        x = torch.tensor(ids, device=g.device).repeat(args.num_samples, 1)
+        out, _ = generate(model, x, **opts)
+    else:
+        prompt = args.complete if args.complete is not None else ''
+        if args.complete is not None and not prompt:
+            raise CliError('the prompt is empty: give some text to continue, or use --sample')
+        ids = tok.encode(prompt)
+        if len(ids) >= T:
+            raise CliError(f'the prompt is {len(ids)} characters; it must leave room in the '
+                           f'model\'s context of {T}: use at most {T - 1}')
+        out, _ = generate_text(model, ids, args.length or T, args.num_samples, **opts)
+    texts = [tok.decode(row.tolist()) for row in out]
+    sys.stdout.write(('\n' + '=' * 40 + '\n').join(texts) + '\n')
+    return 0
+
+def run_eval(args):
+    model, tok, ckpt = load_for_inference(args)
+    device = next(model.parameters()).device
+    text = load_text(args.data, allow_download=args.data == DEFAULT_DATA)
+    train_data, val_data = (d.to(device) for d in split_data(text, tok, model.config.block_size))
+    n, B = args.eval_iters or 20, args.batch_size or 64
+    autocast = autocast_for(str(device), args.dtype)
+    for name, data in (('val', val_data), ('train', train_data)):
+        mean, se = estimate_nelbo(model, data, n, B, seed=args.seed, autocast=autocast)
+        print(f'{name} nelbo: {mean:.4f} nats/char ({mean / math.log(2):.4f} bits/char) '
+              f'+- {se:.4f} (standard error, {n * B} windows of {model.config.block_size})')
+    ts = [round(0.1 * i, 1) for i in range(1, 11)]
+    ces = ce_per_noise_level(model, val_data, ts, max(1, n // 4), B, seed=args.seed)
+    print('masked cross-entropy per noise level (val, nats per masked char):')
+    for t, ce in zip(ts, ces):
+        print(f'  t={t:.1f}  {ce:.4f}  {"#" * round(ce * 10)}')
+    naive = ce_per_noise_level(model, val_data, [0.1, 0.3, 0.5, 0.7, 0.9], max(1, n // 4), B, seed=args.seed)
+    print(f'the lesson plan\'s five-t average: {sum(naive) / 5:.4f} nats '
+          f'(NOT a bound, not comparable with a GPT\'s loss)')
+    return 0
+
+def run_plot(args):
+    path = os.path.join(args.out_dir, 'log.csv')
+    try:
+        with open(path, newline='') as f:
+            rows = list(csv.DictReader(f))
+        steps = [int(r['step']) for r in rows]
+        curves = {k: [float(r[k]) for r in rows] for k in ('train_nelbo', 'val_nelbo')}
+    except (OSError, KeyError, ValueError):
+        raise CliError(f'no readable training log at {path}; train with --out-dir {args.out_dir} first')
+    if not rows:
+        raise CliError(f'{path} has no evaluations yet')
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(ascii_chart(steps, curves))
+        return 0
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for k, v in curves.items():
+        ax.plot(steps, v, marker='.', label=k.replace('_', ' '))
+    ax.set(xlabel='step', ylabel='NELBO (nats/char)', title='mdlm training')
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = os.path.join(args.out_dir, 'loss.png')
+    fig.savefig(out, dpi=120, bbox_inches='tight')
+    print(f'wrote {out}')
+    return 0
+
+def ascii_chart(steps, curves, height=12, width=60):
+    """A terminal chart: 't' marks train, 'v' marks val, one column per eval point (resampled)."""
+    lo = min(min(v) for v in curves.values())
+    hi = max(max(v) for v in curves.values())
+    cols = min(width, len(steps))
+    idx = [round(i * (len(steps) - 1) / max(1, cols - 1)) for i in range(cols)]
+    grid = [[' '] * cols for _ in range(height)]
+    for mark, v in (('t', curves['train_nelbo']), ('v', curves['val_nelbo'])):
+        for c, i in enumerate(idx):
+            r = round((hi - v[i]) / max(hi - lo, 1e-9) * (height - 1))
+            grid[r][c] = mark
+    lines = [f'{hi - r * (hi - lo) / (height - 1):7.3f} |' + ''.join(row) for r, row in enumerate(grid)]
+    lines.append(' ' * 8 + '+' + '-' * cols)
+    lines.append(f'{"":8} step {steps[0]} .. {steps[-1]}   (t: train nelbo, v: val nelbo, nats/char)')
+    return '\n'.join(lines)
+
+def run_bench(args):
+    """Training step speed, fused vs hand-written attention, and sampling speed per rule.
+    Random tokens, no data needed: speed does not depend on what the text says."""
+    device = pick_device(args.device)
+    preset = resolve(args, device)
+    sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
+    config = ModelConfig(vocab_size=66, block_size=args.block_size, n_layer=args.n_layer,
+                         n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
+                         use_time=args.use_time, rope=args.rope)
+    torch.manual_seed(args.seed)
+    model = MDLM(config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.startswith('cuda'))
+    autocast = autocast_for(device, args.dtype)
+    B, T = args.batch_size, config.block_size
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    x0 = torch.randint(65, (B, T), device=device, generator=g)
+    print(f'bench: device {device} | preset {preset} | {model.num_params() / 1e6:.2f}M parameters | '
+          f'batch {B} x block {T} | threads {torch.get_num_threads()}')
+    def step():
+        t = antithetic_t(B, g, device)
+        xt, mask = forward_mask(x0, t, 65, g)
+        with autocast():
+            loss = nelbo_loss(model(xt, t), x0, mask, t)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    n = max(3, args.max_iters if 'max_iters' in args.explicit else 20)
+    results = {}
+    for fused in (True, False):            # measured alternately, twice, to even out machine noise
+        for block in model.blocks:
+            block.attn.fused = fused
+        for _ in range(2):
+            step()
+        sync()
+        t0 = time.time()
+        for _ in range(n):
+            step()
+        sync()
+        results[fused] = (time.time() - t0) / n
+        dt = results[fused]
+        line = f'train ({"fused sdpa" if fused else "manual attention"}): {dt * 1000:.1f} ms/step, {B * T / dt:,.0f} tok/s'
+        if device.startswith('cuda'):    # MFU against the H100's dense bf16 peak, 989 TFLOP/s
+            flops = 6 * model.num_params() + 12 * config.n_layer * config.n_embd * T
+            line += f', MFU {flops * B * T / dt / 989e12 * 100:.1f}% (of 989 TFLOP/s)'
+        print(line)
+    print(f'fused attention speed-up: {results[False] / results[True]:.2f}x')
+    model.eval()
+    for block in model.blocks:
+        block.attn.fused = True
+    L, S = args.length or T, args.steps
+    for rule in RULES:
+        sync()
+        t0 = time.time()
+        _, passes = generate_text(model, [], L, args.num_samples, S, rule, generator=g)
+        sync()
+        dt = time.time() - t0
+        print(f'sample ({rule}): {args.num_samples} x {L} chars at {S} steps: '
+              f'{args.num_samples * L / dt:,.0f} chars/s, {passes} forward passes')
+    return 0
+
+def pick_device(requested=None):
+    if requested:
+        return requested
+    if torch.cuda.is_available():
+        return 'cuda'
+    if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
+        return 'mps'
+    return 'cpu'
+
+def autocast_for(device, dtype):
+    """bf16 autocast where asked (default: on CUDA when the GPU supports it), else nothing."""
+    if dtype == 'auto':
+        dtype = 'bfloat16' if device.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32'
+    if dtype == 'bfloat16':
+        return lambda: torch.autocast(device_type=device.split(':')[0], dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+def positive_int(s):
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f'must be at least 1, got {v}')
+    return v
+
+def nonneg_int(s):
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f'must be at least 0, got {v}')
+    return v
+
+def positive_float(s):
+    v = float(s)
+    if not v > 0 or not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f'must be a finite number above 0, got {s}')
+    return v
+
+def nonneg_float(s):
+    v = float(s)
+    if not v >= 0 or not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f'must be a finite number at least 0, got {s}')
+    return v
+
+def probability(s):
+    v = float(s)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f'must be in [0, 1), got {s}')
+    return v
+
+ARCH_FLAGS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'use_time', 'rope')
+
+def build_parser():
+    p = argparse.ArgumentParser(description='A masked diffusion language model, in one file.',
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument('--train', action='store_true', help='train (or --resume) a model')
+    mode.add_argument('--sample', action='store_true', help='generate text from pure noise')
+    mode.add_argument('--complete', metavar='PROMPT', help='continue a prompt')
+    mode.add_argument('--infill', metavar='TEXT', help='fill the blanks [___] of a text')
+    mode.add_argument('--eval', action='store_true', help='the NELBO bound on the val split')
+    mode.add_argument('--show-noise', metavar='TEXT', help='print the forward process on TEXT')
+    mode.add_argument('--plot', action='store_true', help='plot <out-dir>/log.csv')
+    mode.add_argument('--bench', action='store_true', help='measure training and sampling speed')
+    m = p.add_argument_group('model (default: from --preset)')
+    m.add_argument('--preset', choices=['auto', 'base', 'tiny'], default='auto',
+                   help='auto: base on cuda/mps, tiny on cpu')
+    m.add_argument('--n-layer', type=positive_int)
+    m.add_argument('--n-head', type=positive_int)
+    m.add_argument('--n-embd', type=positive_int)
+    m.add_argument('--block-size', type=positive_int)
+    m.add_argument('--dropout', type=probability)
+    m.add_argument('--time', dest='use_time', action=argparse.BooleanOptionalAction, default=None,
+                   help='condition on t through adaLN (--no-time: the model sees only the masks)')
+    m.add_argument('--rope', action=argparse.BooleanOptionalAction, default=None,
+                   help='rotary positions (--no-rope: learned absolute positions)')
+    t = p.add_argument_group('training')
+    t.add_argument('--batch-size', type=positive_int)
+    t.add_argument('--max-iters', type=nonneg_int)
+    t.add_argument('--eval-interval', type=positive_int)
+    t.add_argument('--eval-iters', type=positive_int, help='batches per NELBO estimate')
+    t.add_argument('--log-interval', type=positive_int)
+    t.add_argument('--lr', type=positive_float)
+    t.add_argument('--min-lr', type=nonneg_float)
+    t.add_argument('--warmup-iters', type=nonneg_int)
+    t.add_argument('--weight-decay', type=nonneg_float, default=0.1)
+    t.add_argument('--grad-accum', type=positive_int, default=1)
+    t.add_argument('--resume', action='store_true', help='continue from <out-dir>/ckpt.pt')
+    t.add_argument('--compile', action='store_true', help='torch.compile the model')
+    g = p.add_argument_group('generation')
+    g.add_argument('--steps', type=positive_int, default=64, help='denoising steps per block')
+    g.add_argument('--rule', choices=RULES, default='confidence', help='which proposals to commit')
+    g.add_argument('--temperature', type=nonneg_float, default=1.0, help='0: argmax')
+    g.add_argument('--top-k', type=positive_int)
+    g.add_argument('--num-samples', type=positive_int, default=1)
+    g.add_argument('--length', type=positive_int, help='characters to generate (default: block_size)')
+    g.add_argument('--show', action='store_true', help='watch the denoising, step by step')
+    c = p.add_argument_group('common')
+    c.add_argument('--data', default=DEFAULT_DATA, help='UTF-8 text (Tiny Shakespeare downloaded if absent)')
+    c.add_argument('--out-dir', default='out')
+    c.add_argument('--device', help='cuda, mps or cpu (default: the best available)')
+    c.add_argument('--dtype', choices=['auto', 'float32', 'bfloat16'], default='auto')
+    c.add_argument('--seed', type=int, default=1337)
+    return p
+
+def resolve(args, device):
+    """Fill the flags left unset from the preset."""
+    preset = args.preset if args.preset != 'auto' else ('tiny' if device == 'cpu' else 'base')
+    for k, v in PRESETS[preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    for k in ('use_time', 'rope'):
+        if getattr(args, k) is None:
+            setattr(args, k, True)
+    if args.n_embd % args.n_head or (args.n_embd // args.n_head) % 2:
+        raise CliError(f'--n-embd {args.n_embd} must split into --n-head {args.n_head} heads of even size')
+    return preset
+
+def main(argv=None):
+    for stream in (sys.stdout, sys.stderr):   # a terminal that cannot draw the mask glyph gets an escape
+        if hasattr(stream, 'reconfigure'):
+            stream.reconfigure(errors='backslashreplace')
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.show_noise is not None:
+            tok = Tokenizer.from_text(load_text(args.data, allow_download=args.data == DEFAULT_DATA))
+            print(show_noise(args.show_noise, tok, args.seed))
+            return 0
+        if args.plot:
+            return run_plot(args)
+        args.explicit = {k for k, v in vars(args).items() if v is not None}
+        if args.train:
+            train(args)
+            return 0
+        if args.bench:
+            return run_bench(args)
+        if args.eval:
+            return run_eval(args)
+        return run_generation(args)
+    except CliError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print('interrupted', file=sys.stderr)
+        return 130
+
+if __name__ == '__main__':
+    sys.exit(main())
