@@ -232,7 +232,7 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(C, elementwise_affine=False)
         self.attn = SelfAttention(config)
         self.ln2 = nn.LayerNorm(C, elementwise_affine=False)
-        self.mlp = nn.Sequential(nn.Linear(C, 4 * C, bias=False), nn.GELU(),
+        self.mlp = nn.Sequential(nn.Linear(C, 4 * C, bias=False), nn.GELU(approximate='tanh'),
                                  nn.Linear(4 * C, C, bias=False))
         self.drop = nn.Dropout(config.dropout)
         self.ln_gain = nn.Parameter(torch.ones(2, C))   # the usual LayerNorm gains
@@ -510,8 +510,8 @@ def train(args):
     optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': args.weight_decay},
                                    {'params': no_decay, 'weight_decay': 0.0}],
                                   lr=args.lr, betas=(0.9, 0.99), fused=device.startswith('cuda'))
-    # every rank draws the same global batch and noise, then keeps its slice: DDP on N ranks
-    # sees exactly the batches (and the stratified t) of one process with an N times larger batch
+    # every rank draws the same global batch and noise, then keeps its slice: N ranks x G micro-
+    # batches see exactly the batches (and the stratified t) of one process with an N*G times larger batch
     gen = torch.Generator(device=device).manual_seed(args.seed)
     it, best_val = 0, float('inf')
     if ckpt:
@@ -555,6 +555,7 @@ def train(args):
     old_handlers = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     B, T, G = args.batch_size, config.block_size, args.grad_accum
     t0, start_it, loss = time.time(), it, None
+    t_steps, it_steps = t0, it     # step timing restarts after each eval, so ms/step is training alone
     try:
         while True:
             # 4) evaluate and checkpoint; not again at the step a resumed run starts from
@@ -579,6 +580,7 @@ def train(args):
                         w.writerow([it, f'{train_nelbo:.5f}', f'{val_nelbo:.5f}', f'{val_se:.5f}',
                                     f'{time.time() - t0:.1f}'])
                 save(it)
+                t_steps, it_steps = time.time(), it
             if it >= args.max_iters:
                 break
             if stop:
@@ -587,14 +589,14 @@ def train(args):
             lr = get_lr(it, args)
             for group in optimizer.param_groups:
                 group['lr'] = lr
+            x0 = get_batch(train_data, G * world * B, T, gen)                 # (G * world * B, T)
+            tt = antithetic_t(G * world * B, gen, device)                     # stratified over all of it
+            xt, mask = forward_mask(x0, tt, tok.mask_id, gen)
             for micro in range(G):
-                x0 = get_batch(train_data, B * world, T, gen)                  # (world * B, T)
-                tt = antithetic_t(B * world, gen, device)
-                xt, mask = forward_mask(x0, tt, tok.mask_id, gen)
-                x0, xt, mask, tt = (a[rank * B:(rank + 1) * B] for a in (x0, xt, mask, tt))
+                i = slice((micro * world + rank) * B, (micro * world + rank + 1) * B)   # this rank's (B, T)
                 sync = contextlib.nullcontext() if world == 1 or micro == G - 1 else model.no_sync()
                 with sync, autocast():
-                    loss = nelbo_loss(model(xt, tt), x0, mask, tt) / G
+                    loss = nelbo_loss(model(xt[i], tt[i]), x0[i], mask[i], tt[i]) / G
                 loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -605,7 +607,7 @@ def train(args):
                 if not math.isfinite(lossf):
                     raise CliError(f'the loss is not finite at step {it}; '
                                    f'kept the last good checkpoint {ckpt_path}')
-                dt = (time.time() - t0) / (it - start_it)
+                dt = (time.time() - t_steps) / (it - it_steps)
                 log(f'step {it} | loss {lossf:.4f} | lr {lr:.1e} | {dt * 1000:.1f}ms | '
                     f'{B * T * G * world / dt:,.0f} tok/s | eta {dt * (args.max_iters - it):.0f}s')
         log(f'done: best val nelbo {best_val:.4f} nats/char; checkpoint in {ckpt_path}')

@@ -1,0 +1,670 @@
+"""
+Tests for mdlm.py. CPU only, tiny configs, fixed seeds. Run with:
+
+    python -m pytest -q test_mdlm.py
+
+They need Tiny Shakespeare at ./input.txt (`python mdlm.py --train` downloads it; CI copies it).
+"""
+
+import io
+import itertools
+import math
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+
+import pytest
+import torch
+
+import mdlm
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = mdlm.DEFAULT_DATA
+TINY = ['--n-layer', '2', '--n-head', '2', '--n-embd', '32', '--block-size', '32', '--batch-size', '8',
+        '--eval-iters', '2', '--device', 'cpu', '--data', DATA]
+
+def tiny_model(use_time=True, rope=True, vocab_size=66, block_size=32, seed=0, dropout=0.0):
+    torch.manual_seed(seed)
+    cfg = mdlm.ModelConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32,
+                           dropout=dropout, use_time=use_time, rope=rope)
+    return mdlm.MDLM(cfg).eval()
+
+def run_cli(*argv, timeout=120):
+    """The script in a subprocess: the honest way to see exit codes and tracebacks."""
+    return subprocess.run([sys.executable, os.path.join(HERE, 'mdlm.py'), *argv], capture_output=True,
+                          text=True, timeout=timeout, cwd=HERE)
+
+def one_line_error(result, needle):
+    assert result.returncode != 0, result
+    assert 'Traceback' not in result.stderr, result.stderr
+    assert needle in result.stderr, result.stderr
+
+@pytest.fixture(scope='module')
+def text():
+    return mdlm.load_text(DATA)
+
+@pytest.fixture(scope='module')
+def tok(text):
+    return mdlm.Tokenizer.from_text(text)
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """A tiny model trained for 40 steps: enough for the CLI paths, not for good text."""
+    out = str(tmp_path_factory.mktemp('trained'))
+    assert mdlm.main(['--train', '--max-iters', '40', '--eval-interval', '20', '--log-interval', '20',
+                      '--out-dir', out, *TINY]) == 0
+    return out
+
+# -----------------------------------------------------------------------------
+# data and tokenizer
+
+def test_data_is_tiny_shakespeare(text, tok):
+    assert len(text) == 1115394
+    assert tok.vocab_size == 66 and tok.mask_id == 65, 'the 65 chars + [MASK] as the last id'
+    assert mdlm.MASK_GLYPH not in tok.stoi
+
+def test_encode_decode_round_trip(tok):
+    s = 'ROMEO:\nO, she doth teach the torches to burn bright!'
+    assert tok.decode(tok.encode(s)) == s
+
+def test_unknown_character_is_an_error_naming_it(tok):
+    with pytest.raises(mdlm.CliError, match="'@'"):
+        tok.encode('hello @ world')
+
+def test_split_is_90_10(text, tok):
+    train, val = mdlm.split_data(text, tok, 64)
+    assert len(train) == int(0.9 * len(text)) and len(train) + len(val) == len(text)
+    assert tok.decode(val[:20].tolist()) == text[len(train):len(train) + 20]
+
+def test_get_batch_windows_are_contiguous_text(text, tok):
+    data = torch.tensor(tok.encode(text[:5000]))
+    x = mdlm.get_batch(data, 4, 16, torch.Generator().manual_seed(0))
+    assert x.shape == (4, 16)
+    for row in x:
+        assert tok.decode(row.tolist()) in text[:5000]
+
+class FakeResponse(io.BytesIO):
+    def __enter__(self):
+        return self
+    def __exit__(self, *a):
+        self.close()
+
+def test_download_good_file_is_written(tmp_path, text):
+    raw = text.encode()
+    path = tmp_path / 'input.txt'
+    mdlm.download_data(str(path), opener=lambda url, timeout: FakeResponse(raw))
+    assert path.read_bytes() == raw
+    assert os.listdir(tmp_path) == ['input.txt'], 'no temporary file left behind'
+
+def test_download_bad_checksum_writes_nothing(tmp_path):
+    path = tmp_path / 'input.txt'
+    with pytest.raises(mdlm.CliError, match='sha256'):
+        mdlm.download_data(str(path), opener=lambda url, timeout: FakeResponse(b'not shakespeare'))
+    assert os.listdir(tmp_path) == []
+
+def test_download_offline_says_where_to_put_the_file(tmp_path):
+    def offline(url, timeout):
+        raise urllib.error.URLError('no network')
+    path = tmp_path / 'input.txt'
+    with pytest.raises(mdlm.CliError, match=str(path)):
+        mdlm.download_data(str(path), opener=offline)
+    assert os.listdir(tmp_path) == []
+
+# -----------------------------------------------------------------------------
+# forward process
+
+@pytest.mark.parametrize('t', [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_mask_rate_matches_t(t):
+    x0 = torch.zeros(64, 1024, dtype=torch.long)
+    xt, mask = mdlm.forward_mask(x0, torch.full((64,), t), 65, torch.Generator().manual_seed(0))
+    n = mask.numel()
+    rate = mask.float().mean().item()
+    assert abs(rate - t) <= 5 * math.sqrt(t * (1 - t) / n) + 1e-9, (rate, t)
+    assert torch.equal(xt == 65, mask), 'exactly the masked positions hold [MASK]'
+
+def test_mask_rate_is_per_sample():
+    t = torch.tensor([0.1, 0.9])
+    _, mask = mdlm.forward_mask(torch.zeros(2, 20000, dtype=torch.long), t, 65, torch.Generator().manual_seed(1))
+    assert torch.allclose(mask.float().mean(1), t, atol=0.01)
+
+def test_show_noise_picture(tok):
+    lines = mdlm.show_noise('To be, or not to be', tok).splitlines()
+    assert len(lines) == 6
+    assert lines[0].endswith('To be, or not to be') and lines[-1].endswith(mdlm.MASK_GLYPH * 19)
+
+# -----------------------------------------------------------------------------
+# model
+
+def test_shapes_and_mask_never_predicted():
+    model = tiny_model()
+    x = torch.randint(66, (3, 32))
+    logits = model(x, torch.rand(3))
+    assert logits.shape == (3, 32, 66)
+    assert torch.isinf(logits[..., 65]).all() and torch.isfinite(logits[..., :65]).all()
+    assert model(x[:, :7], torch.rand(3)).shape == (3, 7, 66), 'shorter than block_size works'
+
+@pytest.mark.parametrize('use_time', [True, False])
+def test_base_preset_is_10_to_20M_parameters(use_time):
+    p = mdlm.PRESETS['base']
+    cfg = mdlm.ModelConfig(n_layer=p['n_layer'], n_head=p['n_head'], n_embd=p['n_embd'],
+                           block_size=p['block_size'], use_time=use_time)
+    n = mdlm.MDLM(cfg).num_params()
+    assert 10e6 <= n <= 20e6, n
+
+def test_lesson_plan_parameter_figure_was_wrong():
+    """The plan's 256-wide, 6-layer config, counted with learned positions: ~6.5M, not 12.45M."""
+    cfg = mdlm.ModelConfig(n_layer=6, n_head=8, n_embd=256, block_size=128, rope=False)
+    assert 5e6 < mdlm.MDLM(cfg).num_params() < 8e6
+
+def test_adaln_zero_starts_independent_of_t():
+    model = tiny_model()
+    x = torch.randint(66, (2, 32))
+    a, b = model(x, torch.tensor([0.1, 0.1])), model(x, torch.tensor([0.9, 0.9]))
+    assert torch.equal(a, b), 'zero-initialised adaLN: t has no effect at the start'
+    with torch.no_grad():
+        for block in model.blocks:
+            block.ada.weight.normal_(std=0.1)
+    assert not torch.allclose(model(x, torch.tensor([0.1, 0.1])), model(x, torch.tensor([0.9, 0.9])))
+
+def test_no_time_model_has_no_adaln_and_ignores_t():
+    model = tiny_model(use_time=False)
+    assert all(b.ada is None for b in model.blocks) and model.time_mlp is None
+    x = torch.randint(66, (2, 32))
+    assert torch.equal(model(x, torch.zeros(2)), model(x, torch.ones(2)))
+
+def test_attention_is_bidirectional_and_matches_the_formula():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 10, 8) for _ in range(3))
+    y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert torch.allclose(mdlm.manual_attention(q, k, v), y, atol=1e-5)
+    model = tiny_model()
+    x = torch.randint(65, (1, 32))
+    x2 = x.clone()
+    x2[0, -1] = (x[0, -1] + 1) % 65
+    assert not torch.allclose(model(x, torch.ones(1))[0, 0], model(x2, torch.ones(1))[0, 0]), \
+        'changing the last token changes the first position: no causal mask'
+
+def test_learned_positions_variant_runs():
+    model = tiny_model(rope=False)
+    assert model.pos_emb is not None
+    assert model(torch.randint(66, (2, 32)), torch.rand(2)).shape == (2, 32, 66)
+
+# -----------------------------------------------------------------------------
+# loss
+
+def test_antithetic_t_is_stratified_in_range():
+    B = 16
+    t = mdlm.antithetic_t(B, torch.Generator().manual_seed(3), 'cpu')
+    assert ((t >= mdlm.EPS) & (t <= 1)).all()
+    bins = ((t - mdlm.EPS) / (1 - mdlm.EPS) * B).floor().long()
+    assert sorted(bins.tolist()) == list(range(B)), 'one t in each of B equal strata'
+    many = torch.cat([mdlm.antithetic_t(B, torch.Generator().manual_seed(s), 'cpu') for s in range(500)])
+    assert abs(many.mean().item() - (1 + mdlm.EPS) / 2) < 0.01, 'still uniform on [eps, 1]'
+
+def test_untrained_loss_is_about_log_65(text, tok):
+    """[MASK] is out of the softmax, so chance level is log 65 = 4.17 (log 66 = 4.19 with it)."""
+    data = torch.tensor(tok.encode(text[:100000]))
+    model = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    x0 = mdlm.get_batch(data, 512, 32, g)    # the 1/t weight makes one small batch's NELBO noisy
+    t = mdlm.antithetic_t(512, g, 'cpu')
+    xt, mask = mdlm.forward_mask(x0, t, 65, g)
+    with torch.no_grad():
+        nelbo = mdlm.nelbo_loss(model(xt, t), x0, mask, t).item()
+        naive = mdlm.naive_loss(model, x0, g).item()
+    assert abs(naive - math.log(65)) < 0.1, naive
+    assert abs(nelbo - math.log(65)) < 0.15, nelbo
+    est, _ = mdlm.estimate_nelbo(model, data, 4, 32)
+    assert abs(est - math.log(65)) < 0.1, est
+
+def test_nelbo_weights_by_one_over_t_and_length():
+    logits = torch.zeros(2, 4, 66)   # uniform: CE = log 66 at every position
+    x0 = torch.zeros(2, 4, dtype=torch.long)
+    mask = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    t = torch.tensor([0.25, 0.5])
+    expected = (1 / (0.25 * 4) * 1 + 1 / (0.5 * 4) * 3) / 2 * math.log(66)
+    assert abs(mdlm.nelbo_loss(logits, x0, mask, t).item() - expected) < 1e-5
+
+def test_loss_falls_when_overfitting_one_batch(text, tok):
+    data = torch.tensor(tok.encode(text[:10000]))
+    model = tiny_model().train()
+    g = torch.Generator().manual_seed(0)
+    x0 = mdlm.get_batch(data, 8, 32, g)
+    t = mdlm.antithetic_t(8, g, 'cpu')
+    xt, mask = mdlm.forward_mask(x0, t, 65, g)             # one fixed batch, one fixed noise draw
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(80):
+        loss = mdlm.nelbo_loss(model(xt, t), x0, mask, t)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0], losses
+
+def test_get_lr_warmup_then_cosine():
+    class A:
+        lr, min_lr, warmup_iters, max_iters = 1e-3, 1e-4, 10, 110
+    assert mdlm.get_lr(0, A) == pytest.approx(1e-4)
+    assert mdlm.get_lr(9, A) == pytest.approx(1e-3)
+    assert mdlm.get_lr(60, A) == pytest.approx(5.5e-4)
+    assert mdlm.get_lr(110, A) == pytest.approx(1e-4)
+    lrs = [mdlm.get_lr(i, A) for i in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+# -----------------------------------------------------------------------------
+# training, checkpoints, resume
+
+def test_checkpoint_round_trip_weights_only(trained):
+    path = os.path.join(trained, 'ckpt.pt')
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt['iter'] == 40 and ckpt['format'] == 'mdlm-1'
+    model, tok = mdlm.model_from_checkpoint(ckpt)
+    assert tok.vocab_size == 66
+    fresh = mdlm.MDLM(mdlm.ModelConfig(**ckpt['config']))
+    fresh.load_state_dict(ckpt['model'])
+    x, t = torch.randint(66, (2, 32)), torch.rand(2)
+    assert torch.equal(model(x, t), fresh.eval()(x, t))
+    rows = open(os.path.join(trained, 'log.csv')).read().splitlines()
+    assert rows[0].startswith('step,train_nelbo,val_nelbo') and [r.split(',')[0] for r in rows[1:]] == ['0', '20', '40']
+    assert float(rows[-1].split(',')[2]) < float(rows[1].split(',')[2]), 'val NELBO fell while training'
+
+def test_max_iters_zero_builds_evaluates_and_saves(tmp_path):
+    assert mdlm.main(['--train', '--max-iters', '0', '--out-dir', str(tmp_path), *TINY]) == 0
+    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['iter'] == 0
+
+def test_interrupt_and_resume_equals_uninterrupted(tmp_path):
+    """SIGINT mid-run saves and exits non-zero with a resume hint; the resumed run then ends with
+    exactly the weights of a run that was never interrupted (dropout on, so RNG state matters)."""
+    args = ['--train', '--max-iters', '60', '--eval-interval', '25', '--log-interval', '1', '--dropout', '0.1',
+            *TINY]
+    straight = tmp_path / 'straight'
+    assert mdlm.main([*args, '--out-dir', str(straight)]) == 0
+    cut = tmp_path / 'cut'
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, 'mdlm.py'), *args, '--out-dir', str(cut)],
+                         stderr=subprocess.PIPE, text=True, cwd=HERE)
+    for line in p.stderr:                       # interrupt once training is under way
+        if line.startswith('step 30 | loss'):
+            p.send_signal(signal.SIGINT)
+            break
+    rest = p.stderr.read()
+    assert p.wait(timeout=60) != 0
+    assert 'Traceback' not in rest and '--resume' in rest, rest
+    stopped_at = torch.load(cut / 'ckpt.pt', weights_only=True)['iter']
+    assert 30 <= stopped_at < 60
+    assert mdlm.main([*args, '--out-dir', str(cut), '--resume']) == 0
+    a = torch.load(straight / 'ckpt.pt', weights_only=True)
+    b = torch.load(cut / 'ckpt.pt', weights_only=True)
+    assert b['iter'] == 60
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), k
+    assert open(straight / 'log.csv').read().splitlines()[-1].split(',')[:3] == \
+        open(cut / 'log.csv').read().splitlines()[-1].split(',')[:3]
+
+def test_resume_refuses_a_changed_architecture(trained, tmp_path, capsys):
+    rc = mdlm.main(['--train', '--resume', '--out-dir', trained, *TINY[:-6], '--n-layer', '3', '--device', 'cpu',
+                    '--data', DATA, '--max-iters', '41'])
+    assert rc == 1 and '--n-layer 3' in capsys.readouterr().err
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
+    rc = mdlm.main(['--train', '--max-iters', '30', '--eval-interval', '10', '--log-interval', '1',
+                    '--lr', '1e30', '--warmup-iters', '0', '--out-dir', str(tmp_path), *TINY])
+    err = capsys.readouterr().err
+    assert rc == 1 and 'not finite at step' in err, err
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt['model'].values())
+
+# -----------------------------------------------------------------------------
+# sampling
+
+@pytest.mark.parametrize('rule', mdlm.RULES)
+def test_generate_fills_every_mask_and_never_changes_a_committed_token(rule):
+    model = tiny_model()
+    x = torch.full((3, 32), 65)
+    x[:, :5] = torch.arange(5)                       # fixed tokens
+    history = []
+    out, passes = mdlm.generate(model, x, 10, rule, generator=torch.Generator().manual_seed(0),
+                                on_step=lambda i, xs: history.append(xs.clone()))
+    assert not (out == 65).any()
+    assert torch.equal(out[:, :5], x[:, :5])
+    for before, after in zip([x] + history, history):
+        kept = before != 65
+        assert torch.equal(after[kept], before[kept]), 'a committed token changed'
+    assert len(history) == 10 and torch.equal(history[-1], out)
+
+def test_confidence_uses_exactly_steps_passes_and_spreads_the_commits():
+    model = tiny_model()
+    x = torch.full((2, 32), 65)
+    counts = []
+    prev = [x]
+    def on_step(i, xs):
+        counts.append(((prev[-1] == 65) & (xs != 65)).sum(1).tolist())
+        prev.append(xs.clone())
+    _, passes = mdlm.generate(model, x, 7, 'confidence', generator=torch.Generator().manual_seed(0), on_step=on_step)
+    assert passes == 7
+    assert [c[0] for c in counts] == [5, 5, 5, 5, 4, 4, 4] and sum(c[0] for c in counts) == 32
+
+def test_confidence_commits_the_most_confident_proposal():
+    model = tiny_model()
+    x = torch.full((1, 32), 65)
+    first = []
+    mdlm.generate(model, x, 32, 'confidence', temperature=0, generator=torch.Generator().manual_seed(0),
+                  on_step=lambda i, xs: first.append(xs.clone()) if i == 0 else None)
+    probs = model(x, torch.ones(1)).double().softmax(-1).max(-1).values[0]
+    assert (first[0][0] != 65).nonzero().item() == probs.argmax().item()
+
+def test_ancestral_unmask_fraction_matches_t_minus_s_over_t():
+    model = tiny_model()
+    steps, B, T = 4, 64, 32
+    x = torch.full((B, T), 65)
+    frames = [x]
+    mdlm.generate(model, x, steps, 'ancestral', generator=torch.Generator().manual_seed(0),
+                  on_step=lambda i, xs: frames.append(xs.clone()))
+    for i in range(steps - 1):
+        t, s = 1 - i / steps, 1 - (i + 1) / steps
+        was = frames[i] == 65
+        frac = ((frames[i + 1] != 65) & was).sum().item() / was.sum().item()
+        p = (t - s) / t
+        assert abs(frac - p) < 5 * math.sqrt(p * (1 - p) / was.sum().item()), (i, frac, p)
+
+def test_ancestral_cache_skips_passes_when_nothing_changed():
+    model = tiny_model()
+    x = torch.full((1, 32), 65)
+    x[0, :28] = 0                                       # 4 masks, 100 steps: most steps commit nothing
+    out, passes = mdlm.generate(model, x, 100, 'ancestral', generator=torch.Generator().manual_seed(0))
+    assert passes <= 5 and not (out == 65).any()
+    # and the cache changes nothing: recomputing each step gives the same text
+    cached = out
+    calls = []
+    class NoCache(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = model.config
+        def forward(self, xt, t):
+            calls.append(1)
+            return model(xt, t)
+    uncached, _ = mdlm.generate(NoCache(), x, 100, 'ancestral', generator=torch.Generator().manual_seed(0))
+    assert torch.equal(cached, uncached) and len(calls) == passes
+
+def test_seeds_reproduce_and_differ():
+    model = tiny_model()
+    x = torch.full((2, 32), 65)
+    def run(seed, rule='confidence', temperature=1.0):
+        return mdlm.generate(model, x, 8, rule, temperature, generator=torch.Generator().manual_seed(seed))[0]
+    for rule in mdlm.RULES:
+        assert torch.equal(run(1, rule), run(1, rule))
+        assert not torch.equal(run(1, rule), run(2, rule))
+    assert torch.equal(run(1, 'confidence', 0.0), run(2, 'confidence', 0.0)), 'temperature 0 is argmax'
+
+def test_top_k_one_is_argmax():
+    model = tiny_model()
+    logits = model(torch.full((1, 32), 65), torch.ones(1))
+    tokens, _ = mdlm.propose(logits, 1.0, 1, torch.Generator().manual_seed(0))
+    assert torch.equal(tokens, logits.argmax(-1))
+
+def test_proposals_follow_the_model_distribution():
+    logits = torch.log(torch.tensor([[[0.7, 0.2, 0.1]]])).expand(1, 20000, 3)
+    tokens, conf = mdlm.propose(logits, 1.0, None, torch.Generator().manual_seed(0))
+    freq = torch.bincount(tokens[0], minlength=3).double() / 20000
+    assert torch.allclose(freq, torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64), atol=0.015)
+    assert torch.allclose(conf[0], torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64)[tokens[0]])
+
+def test_generate_text_beyond_block_size_keeps_prefix():
+    model = tiny_model()
+    prefix = list(range(10))
+    out, passes = mdlm.generate_text(model, prefix, 100, 2, 4, 'confidence',
+                                     generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 110) and not (out == 65).any()
+    assert out[:, :10].tolist() == [prefix, prefix]
+
+def test_parse_infill_blank_is_as_wide_as_its_marker(tok):
+    ids = mdlm.parse_infill('To [___] or not to [_]!', tok)
+    assert len(ids) == len('To [___] or not to [_]!')
+    assert tok.decode(ids) == 'To ' + mdlm.MASK_GLYPH * 5 + ' or not to ' + mdlm.MASK_GLYPH * 3 + '!'
+    with pytest.raises(mdlm.CliError, match='no blank'):
+        mdlm.parse_infill('no blanks here', tok)
+
+def test_cli_sample_complete_infill(trained, capsys):
+    base = ['--out-dir', trained, '--device', 'cpu', '--steps', '8', '--seed', '3']
+    assert mdlm.main(['--sample', '--num-samples', '3', '--length', '40', *base]) == 0
+    texts = capsys.readouterr().out.rstrip('\n').split('\n' + '=' * 40 + '\n')
+    assert len(texts) == 3 and all(len(t) == 40 for t in texts)
+    assert mdlm.main(['--complete', 'ROMEO:', '--length', '50', *base]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith('ROMEO:') and len(out.rstrip('\n')) == 56
+    template = 'To [___] or not to [___], ay.'
+    assert mdlm.main(['--infill', template, *base]) == 0
+    filled = capsys.readouterr().out.rstrip('\n')
+    assert len(filled) == len(template) and mdlm.MASK_GLYPH not in filled
+    for i, c in enumerate(template):
+        if template[i] not in '[_]':
+            assert filled[i] == c
+    assert mdlm.main(['--sample', '--length', '70', '--show', *base]) == 0   # beyond block_size 32
+    io_ = capsys.readouterr()
+    assert len(io_.out.rstrip('\n')) == 70 and 'step    8 |' in io_.err and mdlm.MASK_GLYPH in io_.err
+
+@pytest.mark.parametrize('argv,needle', [
+    (['--complete', 'hello @'], "'@'"),
+    (['--complete', ''], 'empty'),
+    (['--complete', 'x' * 40], 'at most 31'),
+    (['--infill', 'no blank'], 'no blank'),
+    (['--infill', 'a' * 30 + '[_____]'], 'at most 32'),
+])
+def test_cli_bad_generation_input(trained, capsys, argv, needle):
+    assert mdlm.main([*argv, '--out-dir', trained, '--device', 'cpu']) == 1
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) <= 2, err
+
+@pytest.mark.parametrize('argv', [['--sample', '--steps', '0'], ['--sample', '--length', '-3'],
+                                  ['--sample', '--num-samples', '0'], ['--train', '--batch-size', '0'],
+                                  ['--train', '--dropout', '1.5'], ['--train', '--sample'], ['--bogus']])
+def test_cli_argument_errors(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        mdlm.main(argv)
+    assert e.value.code == 2 and 'error' in capsys.readouterr().err
+
+def test_cli_heads_must_divide_width(capsys):
+    assert mdlm.main(['--train', '--n-embd', '30', '--n-head', '4', '--device', 'cpu', '--data', DATA]) == 1
+    assert '--n-embd 30' in capsys.readouterr().err
+
+def test_subprocess_errors_have_no_traceback(tmp_path, trained):
+    one_line_error(run_cli('--sample', '--out-dir', str(tmp_path / 'none')), 'python mdlm.py --train')
+    one_line_error(run_cli('--complete', 'caf\u00e9', '--out-dir', trained), "'\u00e9'")
+
+# -----------------------------------------------------------------------------
+# hostile and damaged files
+
+def test_damaged_checkpoints_are_refused(trained, tmp_path, capsys):
+    good = open(os.path.join(trained, 'ckpt.pt'), 'rb').read()
+    cases = {'truncated': good[:len(good) // 2], 'not a checkpoint': b'hello world\n'}
+    for name, raw in cases.items():
+        d = tmp_path / name.replace(' ', '_')
+        d.mkdir()
+        (d / 'ckpt.pt').write_bytes(raw)
+        assert mdlm.main(['--sample', '--out-dir', str(d), '--device', 'cpu']) == 1
+        assert 'not a loadable checkpoint' in capsys.readouterr().err
+    other = tmp_path / 'other'
+    other.mkdir()
+    torch.save({'model': {}, 'step': 3}, other / 'ckpt.pt')
+    assert mdlm.main(['--sample', '--out-dir', str(other), '--device', 'cpu']) == 1
+    assert 'not an mdlm checkpoint' in capsys.readouterr().err
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, (f'touch {os.environ["MDLM_PWNED"]}',))
+
+def test_malicious_pickle_never_runs(tmp_path):
+    marker = tmp_path / 'pwned'
+    os.environ['MDLM_PWNED'] = str(marker)
+    d = tmp_path / 'evil'
+    d.mkdir()
+    torch.save({'format': 'mdlm-1', 'x': Evil()}, d / 'ckpt.pt')   # torch.save pickles it
+    with open(d / 'ckpt.pt', 'rb') as f:                             # the payload is really in there
+        assert b'system' in f.read()
+    one_line_error(run_cli('--sample', '--out-dir', str(d)), 'not a loadable checkpoint')
+    assert not marker.exists(), 'the payload ran'
+
+
+@pytest.mark.parametrize('content,needle', [(None, 'no data file'), (b'', 'empty'),
+                                            (b'\xff\xfe\x00bad', 'not UTF-8'), (b'abc\n' * 5, 'too few')])
+def test_bad_data_files(tmp_path, capsys, content, needle):
+    path = tmp_path / 'data.txt'
+    if content is not None:
+        path.write_bytes(content)
+    assert mdlm.main(['--train', '--out-dir', str(tmp_path / 'o'), *TINY[:-1], str(path)]) == 1
+    assert needle in capsys.readouterr().err
+
+SAVER = r'''
+import sys, torch, mdlm
+i = 0
+while True:
+    i += 1
+    mdlm.save_checkpoint(sys.argv[1], {'format': 'mdlm-1', 'i': i, 'w': torch.full((500_000,), float(i))})
+'''
+
+def test_sigkill_during_checkpoint_writes_never_breaks_the_checkpoint(tmp_path):
+    path = str(tmp_path / 'ckpt.pt')
+    mdlm.save_checkpoint(path, {'format': 'mdlm-1', 'i': 0, 'w': torch.zeros(500_000)})
+    for delay in (0.0, 0.05, 0.13, 0.31, 0.57, 0.83):
+        before = mdlm.load_checkpoint(path)['i']
+        p = subprocess.Popen([sys.executable, '-c', SAVER, path], cwd=HERE)
+        while mdlm.load_checkpoint(path)['i'] == before:   # wait until it is writing
+            time.sleep(0.01)
+        time.sleep(delay)
+        p.kill()
+        p.wait()
+        ckpt = mdlm.load_checkpoint(path)
+        assert torch.equal(ckpt['w'], torch.full((500_000,), float(ckpt['i'])))
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+class UnigramModel(torch.nn.Module):
+    """Predicts the unigram distribution everywhere, whatever it is shown."""
+    def __init__(self, data, V):
+        super().__init__()
+        self.config = mdlm.ModelConfig(vocab_size=V, block_size=32)
+        counts = torch.bincount(data, minlength=V - 1).double()
+        self.p = counts / counts.sum()
+        logp = torch.log(self.p).float()
+        self.logits = torch.cat([logp, torch.tensor([float('-inf')])])
+    def forward(self, xt, t):
+        return self.logits.expand(*xt.shape, -1)
+
+def test_unigram_model_nelbo_is_the_unigram_entropy(text, tok):
+    data = torch.tensor(tok.encode(text[:200000]))
+    model = UnigramModel(data, 66)
+    entropy = -(model.p * torch.log(model.p.clamp(min=1e-30))).sum().item()
+    mean, se = mdlm.estimate_nelbo(model, data, 40, 64)
+    assert abs(mean - entropy) < 4 * se + 0.01, (mean, entropy, se)
+
+def test_exact_k_estimator_matches_the_continuous_nelbo():
+    """A t-free model on L = 6: the NELBO integral over a fine t grid, averaging over every one of
+    the 2^6 masks, against the mean of the exact-k estimator over many seeds."""
+    L = 6
+    model = tiny_model(use_time=False, block_size=L, vocab_size=66, seed=5)
+    x0 = torch.tensor([[3, 17, 40, 3, 9, 60]])
+    masks = torch.tensor(list(itertools.product([0, 1], repeat=L)), dtype=torch.bool)[1:]   # (63, L)
+    with torch.no_grad():
+        logits = model(x0.masked_fill(masks, 65), torch.zeros(len(masks)))
+        S = mdlm.masked_ce(logits, x0.expand(len(masks), -1), masks).sum(1).double()        # (63,)
+    k = masks.sum(1).double()
+    ts = (torch.arange(20000, dtype=torch.float64) + 0.5) / 20000                            # midpoints
+    P = ts[:, None] ** k * (1 - ts[:, None]) ** (L - k)                                      # P(mask | t)
+    integral = ((P * S).sum(1) / (ts * L)).mean().item()
+    g = torch.Generator().manual_seed(0)
+    est = torch.cat([mdlm.nelbo_per_seq(model, x0.expand(64, -1), g) for _ in range(300)])
+    se = est.std().item() / math.sqrt(len(est))
+    assert abs(est.mean().item() - integral) < 4 * se, (est.mean().item(), integral, se)
+
+def test_standard_error_shrinks_with_more_samples(text, tok):
+    data = torch.tensor(tok.encode(text[:100000]))
+    model = tiny_model()
+    _, se_small = mdlm.estimate_nelbo(model, data, 2, 32)
+    _, se_large = mdlm.estimate_nelbo(model, data, 32, 32)
+    assert se_large < 0.5 * se_small, (se_small, se_large)
+
+def test_eval_is_deterministic_and_labels_the_naive_average(trained):
+    runs = [run_cli('--eval', '--out-dir', trained, '--eval-iters', '2', '--batch-size', '16') for _ in range(2)]
+    assert runs[0].returncode == 0, runs[0].stderr
+    assert runs[0].stdout == runs[1].stdout
+    out = runs[0].stdout
+    assert 'val nelbo:' in out and 'bits/char' in out and 'train nelbo:' in out
+    assert 't=0.1' in out and 't=1.0' in out and 'NOT a bound' in out
+
+def test_eval_on_other_text_needs_the_vocabulary(trained, tmp_path, capsys):
+    path = tmp_path / 'other.txt'
+    path.write_text('{curly braces are not Shakespeare}' * 100)
+    assert mdlm.main(['--eval', '--out-dir', trained, '--data', str(path), '--device', 'cpu']) == 1
+    assert "'{'" in capsys.readouterr().err
+
+def test_plot_without_matplotlib_draws_in_the_terminal(trained, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)      # import matplotlib -> ImportError
+    assert mdlm.main(['--plot', '--out-dir', trained]) == 0
+    out = capsys.readouterr().out
+    assert 'v' in out and 'train nelbo' in out and '|' in out
+
+# -----------------------------------------------------------------------------
+# devices, precision, bench
+
+def test_pick_device_prefers_the_request():
+    assert mdlm.pick_device('cpu') == 'cpu'
+    assert mdlm.pick_device() in ('cuda', 'mps', 'cpu')
+
+def test_bf16_autocast_training_step_and_sampling_on_cpu(text, tok):
+    data = torch.tensor(tok.encode(text[:10000]))
+    model = tiny_model().train()
+    autocast = mdlm.autocast_for('cpu', 'bfloat16')
+    g = torch.Generator().manual_seed(0)
+    x0 = mdlm.get_batch(data, 4, 32, g)
+    t = mdlm.antithetic_t(4, g, 'cpu')
+    xt, mask = mdlm.forward_mask(x0, t, 65, g)
+    with autocast():
+        loss = mdlm.nelbo_loss(model(xt, t), x0, mask, t)
+    loss.backward()
+    assert loss.dtype == torch.float32 and math.isfinite(loss.item())
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    with autocast():
+        out, _ = mdlm.generate(model.eval(), torch.full((2, 32), 65), 4, generator=g)
+    assert not (out == 65).any()
+
+def test_bench_prints_figures(capsys):
+    assert mdlm.main(['--bench', '--max-iters', '3', '--n-layer', '1', '--n-embd', '32', '--n-head', '2',
+                      '--block-size', '16', '--batch-size', '4', '--steps', '4', '--device', 'cpu']) == 0
+    out = capsys.readouterr().out
+    assert 'tok/s' in out and 'speed-up' in out and all(f'sample ({r})' in out for r in mdlm.RULES)
+
+def test_importing_runs_nothing():
+    r = subprocess.run([sys.executable, '-c', 'import mdlm'], capture_output=True, text=True, cwd=HERE)
+    assert r.returncode == 0 and r.stdout == '' and r.stderr == ''
+
+def test_ddp_two_processes_match_one_process_with_twice_the_batch(tmp_path):
+    """torchrun with the gloo backend on CPU: 2 ranks x batch 4 give the weights of 1 process x batch 8."""
+    common = ['--train', '--max-iters', '6', '--eval-interval', '6', '--log-interval', '3', '--eval-iters', '1',
+              '--n-layer', '2', '--n-head', '2', '--n-embd', '32', '--block-size', '32', '--device', 'cpu',
+              '--data', DATA]
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        os.path.join(HERE, 'mdlm.py'), *common, '--batch-size', '4', '--out-dir', str(tmp_path / 'ddp')],
+                       capture_output=True, text=True, timeout=120, cwd=HERE, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stderr.count('| preset') == 1, 'only rank 0 logs'
+    assert mdlm.main([*common, '--batch-size', '8', '--out-dir', str(tmp_path / 'one')]) == 0
+    a = torch.load(tmp_path / 'ddp' / 'ckpt.pt', weights_only=True)['model']
+    b = torch.load(tmp_path / 'one' / 'ckpt.pt', weights_only=True)['model']
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+def test_grad_accum_matches_a_larger_batch(tmp_path):
+    common = ['--train', '--max-iters', '4', '--eval-interval', '4', '--log-interval', '2', '--eval-iters', '1',
+              *TINY[:-4], '--device', 'cpu', '--data', DATA]
+    assert mdlm.main([*common, '--batch-size', '8', '--out-dir', str(tmp_path / 'big')]) == 0
+    assert mdlm.main([*common, '--batch-size', '4', '--grad-accum', '2', '--out-dir', str(tmp_path / 'acc')]) == 0
+    a = torch.load(tmp_path / 'big' / 'ckpt.pt', weights_only=True)['model']
+    b = torch.load(tmp_path / 'acc' / 'ckpt.pt', weights_only=True)['model']
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
