@@ -62,8 +62,8 @@ PRESETS = {
                  batch_size=64, max_iters=5000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
                  eval_interval=250, eval_iters=50, log_interval=10),
     'tiny': dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0,
-                 batch_size=32, max_iters=3000, lr=3e-3, min_lr=3e-4, warmup_iters=100,
-                 eval_interval=500, eval_iters=10, log_interval=100),
+                 batch_size=32, max_iters=3300, lr=3e-3, min_lr=3e-4, warmup_iters=100,
+                 eval_interval=500, eval_iters=20, log_interval=100),
 }
 EPS = 1e-3          # training draws t from [EPS, 1]: t = 0 would mask nothing and weigh 1/t = inf
 MASK_GLYPH = '■'    # how a [MASK] is drawn on screen
