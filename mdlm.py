@@ -34,7 +34,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -55,8 +55,9 @@ class ModelConfig:
     rope: bool = True        # rotary position embeddings (False: learned absolute positions)
 
 # 'base' is the lesson's model, shaped like nanoGPT's char-level Shakespeare GPT (6 x 384, context
-# 256, dropout 0.2): 12.2M parameters with time conditioning, 10.8M without. 'tiny' is sized so
-# that `python mdlm.py --train` finishes in under 450 s on a 2-core laptop CPU.
+# 256, dropout 0.2): 11.87M parameters with time conditioning, 10.65M without, both in the
+# lesson's 10-20M range. 'tiny' (1.09M) is sized so that `python mdlm.py --train` finishes in
+# under 450 s on a 2-core laptop CPU (382 s measured, see README).
 PRESETS = {
     'base': dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2,
                  batch_size=64, max_iters=5000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
@@ -223,29 +224,27 @@ class SelfAttention(nn.Module):
 class Block(nn.Module):
     """Pre-LN transformer block. With time conditioning, each LayerNorm's output is shifted and
     scaled by amounts computed from t: h = LN(x) * (1 + scale(t)) + shift(t)  (adaLN).
-    The projection that makes shift and scale starts at zero ("adaLN-Zero", as in DiT and MDLM),
-    so at step 0 the model is exactly the plain transformer and ignores t; it learns to use t only
-    where that lowers the loss."""
+    The projection that makes shift and scale starts at zero (the "Zero" of DiT's adaLN-Zero; DiT
+    and MDLM also gate each residual branch, which we leave out), so at step 0 the model is exactly
+    the plain transformer and ignores t; it learns to use t only where that lowers the loss."""
     def __init__(self, config):
         super().__init__()
         C = config.n_embd
-        self.ln1 = nn.LayerNorm(C, elementwise_affine=False)
+        self.ln1 = nn.LayerNorm(C)
         self.attn = SelfAttention(config)
-        self.ln2 = nn.LayerNorm(C, elementwise_affine=False)
+        self.ln2 = nn.LayerNorm(C)
         self.mlp = nn.Sequential(nn.Linear(C, 4 * C, bias=False), nn.GELU(approximate='tanh'),
                                  nn.Linear(4 * C, C, bias=False))
         self.drop = nn.Dropout(config.dropout)
-        self.ln_gain = nn.Parameter(torch.ones(2, C))   # the usual LayerNorm gains
         self.ada = nn.Linear(TIME_DIM, 4 * C) if config.use_time else None
 
     def forward(self, x, cond, rope):
-        g1, g2 = self.ln_gain
-        h1, h2 = self.ln1(x) * g1, None
+        h1 = self.ln1(x)                                                   # (B, T, C)
         if self.ada is not None:               # cond: (B, TIME_DIM) -> 4 x (B, 1, C)
             shift1, scale1, shift2, scale2 = self.ada(cond)[:, None, :].chunk(4, dim=-1)
             h1 = h1 * (1 + scale1) + shift1
         x = x + self.drop(self.attn(h1, rope))
-        h2 = self.ln2(x) * g2
+        h2 = self.ln2(x)
         if self.ada is not None:
             h2 = h2 * (1 + scale2) + shift2
         return x + self.drop(self.mlp(h2))
@@ -331,14 +330,13 @@ def naive_loss(model, x0, generator=None):
     xt, mask = forward_mask(x0, t, model.config.vocab_size - 1, generator)
     return masked_ce(model(xt, t), x0, mask).sum() / mask.sum().clamp(min=1)
 
-def antithetic_t(batch_size, generator, device, offset=0, total=None):
-    """t for a batch, stratified: one u ~ U(0,1) shifted by i / total, so the batch covers [EPS, 1]
-    evenly. Each t is still uniform, but the batch's loss varies far less than with i.i.d. t.
-    (offset, total): this batch's slice of a larger stratified batch (DDP, grad accumulation)."""
-    total = total or batch_size
+def antithetic_t(batch_size, generator, device):
+    """t for a batch, stratified ("antithetic", MDLM's low-discrepancy sampler): one u ~ U(0,1)
+    shifted by i / B, so the batch has exactly one t in each 1/B-th of [EPS, 1]. Each t is still
+    uniform, but the batch's loss varies far less than with B independent draws."""
     u = torch.rand(1, generator=generator, device=device)
-    i = torch.arange(offset, offset + batch_size, device=device)
-    return EPS + (1 - EPS) * ((u + i / total) % 1)
+    i = torch.arange(batch_size, device=device)
+    return EPS + (1 - EPS) * ((u + i / batch_size) % 1)
 
 def nelbo_loss(logits, x0, mask, t):
     """The training loss: the NELBO above, averaged over the batch, in nats per character."""
@@ -473,63 +471,100 @@ def ddp_setup(device_arg):
 class StopRequested(Exception):
     pass
 
+def resume_config(ckpt, args):
+    """--resume: the checkpoint's architecture wins (asking for another is refused), and training
+    flags not given again keep their saved values. Returns the config and the flags changed."""
+    saved = ckpt['config']
+    for name in ARCH_FLAGS:
+        if name in args.explicit and getattr(args, name) != saved[name]:
+            raise CliError(f'cannot resume with --{name.replace("_", "-")} {getattr(args, name)}: '
+                           f'the checkpoint was trained with {saved[name]}')
+    changed = []
+    for name in TRAIN_FLAGS:
+        saved_value = ckpt['args'].get(name, getattr(args, name))
+        if name not in args.explicit:
+            setattr(args, name, saved_value)
+        elif getattr(args, name) != saved_value:
+            changed.append(f'{name}: {saved_value} -> {getattr(args, name)}')
+    config = ModelConfig(**saved)
+    if 'dropout' in args.explicit:
+        config.dropout = args.dropout
+    for name in ARCH_FLAGS:
+        setattr(args, name, getattr(config, name))
+    return config, changed
+
+def restore_state(ckpt, model, optimizer, gen, args, device, rank, world):
+    model.load_state_dict(ckpt['model'])
+    optimizer.load_state_dict(ckpt['optimizer'])
+    optimizer.param_groups[0]['weight_decay'] = args.weight_decay     # the flag wins over the saved one
+    try:
+        gen.set_state(ckpt['rng']['gen'])
+        torch.set_rng_state(ckpt['rng']['torch'])
+        if device.startswith('cuda') and ckpt['rng'].get('cuda') is not None:
+            torch.cuda.set_rng_state(ckpt['rng']['cuda'])
+    except (RuntimeError, TypeError, ValueError):
+        raise CliError('the checkpoint\'s random state is from another kind of device; '
+                       'resume on the device it was trained on')
+    if world > 1:        # only rank 0's dropout RNG was saved: give the other ranks their own again
+        torch.manual_seed(args.seed + rank + 1_000_003 * ckpt['iter'])
+    return ckpt['iter'], ckpt['best_val']
+
+def append_log(path, fresh, row):
+    """<out-dir>/log.csv: one row per evaluation (--plot draws it)."""
+    with open(path, 'w' if fresh else 'a', newline='') as f:
+        w = csv.writer(f)
+        if fresh:
+            w.writerow(['step', 'train_nelbo', 'val_nelbo', 'val_se', 'seconds'])
+        w.writerow(row)
+
+def any_rank(flag, device, world):
+    """True on every rank when `flag` is true on any (so all ranks stop at the same step)."""
+    if world == 1:
+        return bool(flag)
+    import torch.distributed as dist
+    f = torch.tensor([float(bool(flag))], device=device)
+    dist.all_reduce(f, op=dist.ReduceOp.MAX)
+    return f.item() > 0
+
 def train(args):
     rank, world, device = ddp_setup(args.device)
     master = rank == 0
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if master else (lambda *a: None)
     preset = resolve(args, 'cpu' if device == 'cpu' else 'gpu')
-    ckpt_path = os.path.join(args.out_dir, 'ckpt.pt')
+    ckpt_path, log_path = os.path.join(args.out_dir, 'ckpt.pt'), os.path.join(args.out_dir, 'log.csv')
     ckpt = load_checkpoint(ckpt_path) if args.resume else None
 
-    # 1) data and vocabulary (a resumed run keeps the checkpoint's vocabulary)
+    # 1) the model's shape and the training flags: a resumed run's come from its checkpoint
+    if ckpt:
+        config, changed = resume_config(ckpt, args)
+        preset = 'from checkpoint'
     text = load_text(args.data, allow_download=args.data == DEFAULT_DATA)
     tok = Tokenizer(ckpt['vocab']) if ckpt else Tokenizer.from_text(text)
-    train_data, val_data = (d.to(device) for d in split_data(text, tok, args.block_size))
-    if len(train_data) < args.block_size + 1:
-        raise CliError(f'the training split is shorter than block_size + 1 = {args.block_size + 1}')
-
-    # 2) model, optimizer; on --resume the checkpoint's architecture wins, asked-for changes are refused
-    if ckpt:
-        saved = ckpt['config']
-        for k in ARCH_FLAGS:
-            given = getattr(args, k) if k in args.explicit else None
-            if given is not None and given != saved[k]:
-                raise CliError(f'cannot resume with --{k.replace("_", "-")} {given}: '
-                               f'the checkpoint was trained with {saved[k]}')
-        config = ModelConfig(**saved)
-        config.dropout = args.dropout if 'dropout' in args.explicit else saved['dropout']
-    else:
+    if not ckpt:
         config = ModelConfig(vocab_size=tok.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                              n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
                              use_time=args.use_time, rope=args.rope)
-    args.block_size = config.block_size
+    # 2) data: the whole token tensor lives on the device (1.1M chars: a few MB), no loader needed
+    train_data, val_data = (d.to(device) for d in split_data(text, tok, config.block_size))
+
+    # 3) model, AdamW (weight decay on matrices only), and one generator for batches and noise:
+    # every rank draws the same global batch and noise and keeps its slice, so N ranks x G micro-
+    # batches see exactly the batches (and the stratified t) of one process with an N*G times larger batch
     torch.manual_seed(args.seed + rank)      # dropout differs per rank; data and noise do not
     model = MDLM(config).to(device)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': args.weight_decay},
-                                   {'params': no_decay, 'weight_decay': 0.0}],
-                                  lr=args.lr, betas=(0.9, 0.99), fused=device.startswith('cuda'))
-    # every rank draws the same global batch and noise, then keeps its slice: N ranks x G micro-
-    # batches see exactly the batches (and the stratified t) of one process with an N*G times larger batch
+    optimizer = torch.optim.AdamW(
+        [{'params': [p for p in model.parameters() if p.dim() >= 2], 'weight_decay': args.weight_decay},
+         {'params': [p for p in model.parameters() if p.dim() < 2], 'weight_decay': 0.0}],
+        lr=args.lr, betas=(0.9, 0.99), fused=device.startswith('cuda'))
     gen = torch.Generator(device=device).manual_seed(args.seed)
     it, best_val = 0, float('inf')
     if ckpt:
-        model.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        it, best_val = ckpt['iter'], ckpt['best_val']
-        gen.set_state(ckpt['rng']['gen'])
-        torch.set_rng_state(ckpt['rng']['torch'])
-        if device.startswith('cuda') and ckpt['rng'].get('cuda') is not None:
-            torch.cuda.set_rng_state(ckpt['rng']['cuda'])
-        changed = [f'{k}: {ckpt["args"].get(k)} -> {getattr(args, k)}' for k in
-                   ('max_iters', 'lr', 'min_lr', 'warmup_iters', 'batch_size', 'weight_decay')
-                   if ckpt['args'].get(k) != getattr(args, k)]
+        it, best_val = restore_state(ckpt, model, optimizer, gen, args, device, rank, world)
         log(f'resuming from {ckpt_path} at step {it}' + (f' ({", ".join(changed)})' if changed else ''))
     if device.startswith('cuda'):   # TF32 matmuls: ~fp32 accuracy at tensor-core speed
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    raw_model = model
+    raw_model = model                # what gets saved: never the compiled or DDP-wrapped one
     if args.compile:
         model = torch.compile(model)
     if world > 1:
@@ -539,7 +574,9 @@ def train(args):
     log(f'device {device}{f" x {world}" if world > 1 else ""} | preset {preset} | '
         f'{raw_model.num_params() / 1e6:.2f}M parameters | {asdict(config)}')
 
-    def save(iteration):
+    def save(iteration, loss):
+        if loss is not None and not math.isfinite(loss.item()):   # never save a broken model
+            raise CliError(f'the loss is not finite at step {iteration}; kept the last good checkpoint {ckpt_path}')
         if master:
             os.makedirs(args.out_dir, exist_ok=True)
             save_checkpoint(ckpt_path, {
@@ -549,20 +586,17 @@ def train(args):
                 'rng': {'gen': gen.get_state(), 'torch': torch.get_rng_state(),
                         'cuda': torch.cuda.get_rng_state() if device.startswith('cuda') else None}})
 
-    # 3) Ctrl-C / SIGTERM: finish the step in flight, save, say how to resume
+    # 4) Ctrl-C / SIGTERM only raise a flag: the step in flight finishes, then we save and stop
     stop = []
-    handler = lambda signum, frame: stop.append(signum)
-    old_handlers = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    old_handlers = {s: signal.signal(s, lambda signum, frame: stop.append(signum))
+                    for s in (signal.SIGINT, signal.SIGTERM)}
     B, T, G = args.batch_size, config.block_size, args.grad_accum
     t0, start_it, loss = time.time(), it, None
     t_steps, it_steps = t0, it     # step timing restarts after each eval, so ms/step is training alone
     try:
         while True:
-            # 4) evaluate and checkpoint; not again at the step a resumed run starts from
+            # 5) evaluate and checkpoint (not again at the step a resumed run starts from)
             if (it % args.eval_interval == 0 or it == args.max_iters) and not (ckpt and it == start_it):
-                if loss is not None and not math.isfinite(loss.item()):
-                    raise CliError(f'the loss is not finite at step {it}; '
-                                   f'kept the last good checkpoint {ckpt_path}')
                 train_nelbo, _ = estimate_nelbo(raw_model, train_data, args.eval_iters, B, autocast=autocast)
                 val_nelbo, val_se = estimate_nelbo(raw_model, val_data, args.eval_iters, B, autocast=autocast)
                 best_val = min(best_val, val_nelbo)
@@ -571,49 +605,42 @@ def train(args):
                     f'| {time.time() - t0:.0f}s')
                 if master:
                     os.makedirs(args.out_dir, exist_ok=True)
-                    log_path = os.path.join(args.out_dir, 'log.csv')
-                    new = not os.path.exists(log_path) or not ckpt and it == 0
-                    with open(log_path, 'w' if new else 'a', newline='') as f:
-                        w = csv.writer(f)
-                        if new:
-                            w.writerow(['step', 'train_nelbo', 'val_nelbo', 'val_se', 'seconds'])
-                        w.writerow([it, f'{train_nelbo:.5f}', f'{val_nelbo:.5f}', f'{val_se:.5f}',
-                                    f'{time.time() - t0:.1f}'])
-                save(it)
+                    append_log(log_path, not ckpt and it == 0 or not os.path.exists(log_path),
+                               [it, f'{train_nelbo:.5f}', f'{val_nelbo:.5f}', f'{val_se:.5f}', f'{time.time() - t0:.1f}'])
+                save(it, loss)
                 t_steps, it_steps = time.time(), it
             if it >= args.max_iters:
                 break
-            if stop:
+            if (world == 1 or it % args.log_interval == 0) and any_rank(stop, device, world):
                 raise StopRequested
-            # 5) one optimisation step: G micro-batches, gradients synced on the last one only
+            # 6) one optimisation step: G micro-batches, gradients synced on the last one only
             lr = get_lr(it, args)
             for group in optimizer.param_groups:
                 group['lr'] = lr
             x0 = get_batch(train_data, G * world * B, T, gen)                 # (G * world * B, T)
-            tt = antithetic_t(G * world * B, gen, device)                     # stratified over all of it
-            xt, mask = forward_mask(x0, tt, tok.mask_id, gen)
+            t = antithetic_t(G * world * B, gen, device)                      # stratified over all of it
+            xt, mask = forward_mask(x0, t, tok.mask_id, gen)
             for micro in range(G):
-                i = slice((micro * world + rank) * B, (micro * world + rank + 1) * B)   # this rank's (B, T)
+                rows = slice((micro * world + rank) * B, (micro * world + rank + 1) * B)   # this rank's B
                 sync = contextlib.nullcontext() if world == 1 or micro == G - 1 else model.no_sync()
                 with sync, autocast():
-                    loss = nelbo_loss(model(xt[i], tt[i]), x0[i], mask[i], tt[i]) / G
+                    loss = nelbo_loss(model(xt[rows], t[rows]), x0[rows], mask[rows], t[rows]) / G
                 loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             it += 1
             if it % args.log_interval == 0 or it == args.max_iters:   # the only host sync in the loop
-                lossf = loss.item() * G
+                lossf = loss.item() * G                                 # this rank's last micro-batch
                 if not math.isfinite(lossf):
-                    raise CliError(f'the loss is not finite at step {it}; '
-                                   f'kept the last good checkpoint {ckpt_path}')
+                    raise CliError(f'the loss is not finite at step {it}; kept the last good checkpoint {ckpt_path}')
                 dt = (time.time() - t_steps) / (it - it_steps)
                 log(f'step {it} | loss {lossf:.4f} | lr {lr:.1e} | {dt * 1000:.1f}ms | '
                     f'{B * T * G * world / dt:,.0f} tok/s | eta {dt * (args.max_iters - it):.0f}s')
-        log(f'done: best val nelbo {best_val:.4f} nats/char; checkpoint in {ckpt_path}')
+        log(f'done: best val nelbo {best_val:.4f} nats/char; latest checkpoint in {ckpt_path}')
         return best_val
     except StopRequested:
-        save(it)
+        save(it, loss)
         log(f'stopped at step {it}; saved {ckpt_path}. Resume with: python mdlm.py --train --resume'
             + (f' --out-dir {args.out_dir}' if args.out_dir != 'out' else ''))
         raise SystemExit(130)
@@ -637,8 +664,9 @@ def train(args):
 #                floor(M / N) (+1 in the first M mod N steps) so the M masks are gone after N steps.
 #   'random':    commit k proposals chosen at random (the plain baseline).
 # The model is told t = the fraction of its input that is masked. Then its output depends on the
-# input alone: when a step commits nothing, the next pass would give the same logits, so we reuse
-# them (MDLM's cache); at many steps most passes are skipped.
+# input alone: for a row in which a step commits nothing, the next pass would give the same
+# logits, so we reuse them (MDLM's cache, per row); with more steps than masks most are skipped.
+# `passes` counts the steps that ran the model at all (on one row or on all of them).
 
 RULES = ('confidence', 'ancestral', 'random')
 
@@ -646,12 +674,12 @@ def propose(logits, temperature, top_k, generator):
     """Sample a token per position from softmax(logits / temperature) by Gumbel-max in float64
     (float32 Gumbel noise measurably cools the samples). Returns tokens and their probability
     under the model (the confidence). temperature 0 is argmax."""
-    logits = logits.double()
+    logits = logits.float() if logits.device.type == 'mps' else logits.double()   # mps has no float64
     if top_k:
         kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float('-inf'))
     if temperature > 0:
-        u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float64)
+        u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
         gumbel = -torch.log(-torch.log(u.clamp(min=1e-300)))
         tokens = (logits / temperature + gumbel).argmax(-1)
     else:
@@ -667,25 +695,29 @@ def generate(model, x, steps, rule='confidence', temperature=1.0, top_k=None, ge
     x = x.clone()
     n_masked = (x == mask_id).sum(1)                                   # (B,) M per row
     logits, passes = None, 0
+    stale = torch.ones(x.size(0), dtype=torch.bool, device=x.device)  # rows whose logits are out of date
     for i in range(steps):
         masked = x == mask_id                                          # (B, T)
-        if logits is None:
-            logits = model(x, masked.float().mean(1))                  # (B, T, V)
+        if stale.any():                                                # the cache: rerun changed rows only
+            fresh = model(x[stale], masked[stale].float().mean(1))     # (B', T, V)
+            if logits is None:
+                logits = fresh
+            else:
+                logits[stale] = fresh
             passes += 1
         tokens, conf = propose(logits, temperature, top_k, generator)
         if rule == 'ancestral':
             t, s = 1 - i / steps, 1 - (i + 1) / steps
-            u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float64)
+            u = torch.rand(x.shape, generator=generator, device=x.device)
             commit = masked & (u < (t - s) / t)                        # the last step: (t-s)/t = 1
         else:
             k = n_masked // steps + (i < n_masked % steps).long()      # (B,) commits this step
             score = conf if rule == 'confidence' else torch.rand(
-                x.shape, generator=generator, device=x.device, dtype=torch.float64)
+                x.shape, generator=generator, device=x.device, dtype=conf.dtype)
             rank = score.masked_fill(~masked, -1.0).argsort(1, descending=True).argsort(1)
             commit = masked & (rank < k[:, None])                      # the k best masked positions
         x = torch.where(commit, tokens, x)
-        if commit.any():
-            logits = None                                              # the input changed: recompute
+        stale = commit.any(1)                                          # these rows' input changed
         if on_step is not None:
             on_step(i, x)
     return x, passes
@@ -694,13 +726,13 @@ def generate_text(model, prefix, length, num_samples, steps, rule, temperature=1
                   generator=None, on_step=None):
     """`length` new tokens after `prefix` (a list of ids), for num_samples rows at once.
     Longer than the context: semi-autoregressive blocks (LLaDA). Each window keeps as much of
-    the text so far as fits and generates at least a quarter of block_size new tokens."""
+    the text so far as fits and generates at least half a block of new tokens."""
     T, mask_id = model.config.block_size, model.config.vocab_size - 1
     device = next(model.parameters()).device
     out = torch.tensor(prefix, dtype=torch.long, device=device).repeat(num_samples, 1)   # (B, P)
     passes = 0
     while out.size(1) < len(prefix) + length:
-        n_new = min(len(prefix) + length - out.size(1), max(T - out.size(1), T // 4))
+        n_new = min(len(prefix) + length - out.size(1), max(T - out.size(1), T // 2))
         context = out[:, out.size(1) - min(out.size(1), T - n_new):]
         x = torch.cat([context, torch.full((num_samples, n_new), mask_id, device=device)], 1)
         x, p = generate(model, x, steps, rule, temperature, top_k, generator, on_step)
@@ -899,6 +931,12 @@ def run_bench(args):
 
 def pick_device(requested=None):
     if requested:
+        kind = requested.split(':')[0]
+        if kind not in ('cpu', 'cuda', 'mps'):
+            raise CliError(f'unknown --device {requested}: use cpu, cuda or mps')
+        if kind == 'cuda' and not torch.cuda.is_available() or \
+                kind == 'mps' and not (hasattr(torch.backends, 'mps') and torch.backends.mps.is_available()):
+            raise CliError(f'--device {requested} is not available on this machine')
         return requested
     if torch.cuda.is_available():
         return 'cuda'
@@ -944,7 +982,9 @@ def probability(s):
         raise argparse.ArgumentTypeError(f'must be in [0, 1), got {s}')
     return v
 
-ARCH_FLAGS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'use_time', 'rope')
+ARCH_FLAGS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'use_time', 'rope')   # fixed by a checkpoint
+TRAIN_FLAGS = ('batch_size', 'max_iters', 'lr', 'min_lr', 'warmup_iters', 'weight_decay', 'grad_accum',
+               'eval_interval', 'eval_iters', 'log_interval')                  # may change on --resume
 
 def build_parser():
     p = argparse.ArgumentParser(description='A masked diffusion language model, in one file.',
@@ -979,8 +1019,8 @@ def build_parser():
     t.add_argument('--lr', type=positive_float)
     t.add_argument('--min-lr', type=nonneg_float)
     t.add_argument('--warmup-iters', type=nonneg_int)
-    t.add_argument('--weight-decay', type=nonneg_float, default=0.1)
-    t.add_argument('--grad-accum', type=positive_int, default=1)
+    t.add_argument('--weight-decay', type=nonneg_float, help='AdamW, on matrices only (default 0.1)')
+    t.add_argument('--grad-accum', type=positive_int, help='micro-batches per step (default 1)')
     t.add_argument('--resume', action='store_true', help='continue from <out-dir>/ckpt.pt')
     t.add_argument('--compile', action='store_true', help='torch.compile the model')
     g = p.add_argument_group('generation')
@@ -1005,9 +1045,9 @@ def resolve(args, device):
     for k, v in PRESETS[preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    for k in ('use_time', 'rope'):
+    for k, v in dict(use_time=True, rope=True, weight_decay=0.1, grad_accum=1).items():
         if getattr(args, k) is None:
-            setattr(args, k, True)
+            setattr(args, k, v)
     if args.n_embd % args.n_head or (args.n_embd // args.n_head) % 2:
         raise CliError(f'--n-embd {args.n_embd} must split into --n-head {args.n_head} heads of even size')
     return preset
