@@ -9,7 +9,8 @@ sequence, from 0 to 1, and the losses are weighted so that their sum is an upper
 negative log-likelihood (MDLM, Sahoo et al. 2024; LLaDA, Nie et al. 2025).
 
 Read this file top to bottom: config, data, the forward (masking) process, the model, the loss,
-training, sampling, prompt completion and infilling, evaluation, command line.
+training, sampling, prompt completion and infilling, evaluation, command line. (Python resolves
+names when a function runs, so train() may call estimate_nelbo, which is explained later.)
 
     pip install -r requirements.txt
     python mdlm.py --train                    # CPU: the 'tiny' preset, a few minutes
@@ -18,7 +19,7 @@ training, sampling, prompt completion and infilling, evaluation, command line.
     python mdlm.py --infill "To [___] or not to [___]"
     python mdlm.py --eval                     # the likelihood bound, in bits per character
     python mdlm.py --train --preset base      # the lesson's full model (a GPU: ~12M params)
-    torchrun --standalone --nproc_per_node=8 mdlm.py --train    # several GPUs
+    torchrun --standalone --nproc_per_node=8 mdlm.py --train    # several GPUs (batch is per GPU)
 """
 
 import argparse
@@ -63,7 +64,7 @@ PRESETS = {
                  batch_size=64, max_iters=5000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
                  eval_interval=250, eval_iters=50, log_interval=10),
     'tiny': dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0,
-                 batch_size=32, max_iters=3300, lr=3e-3, min_lr=3e-4, warmup_iters=100,
+                 batch_size=32, max_iters=3000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
                  eval_interval=500, eval_iters=20, log_interval=100),
 }
 EPS = 1e-3          # training draws t from [EPS, 1]: t = 0 would mask nothing and weigh 1/t = inf
@@ -344,63 +345,6 @@ def nelbo_loss(logits, x0, mask, t):
     return per_seq.mean()
 
 # -----------------------------------------------------------------------------
-# Evaluation: an honest likelihood bound, held out, deterministic, low variance.
-# Training's estimator (random t, Bernoulli masks) is unbiased but noisy. For evaluation, count
-# masks instead of drawing t: mask exactly k of the L positions, k spread evenly over 1..L across
-# the batch, and weigh by 1/k (LLaDA's estimator). For a model that ignores t this is exactly the
-# NELBO: integrating (1/t) P(k masked | t) over t gives 1/k. The model is told t = k / L; for a
-# time-conditioned model the estimate is then the any-order autoregressive bound of the model's
-# own conditionals, still an upper bound on -log p of a generator (unmask one char at a time).
-
-def exact_k_mask(B, L, generator, device):
-    """(B, L) masks with exactly k_b positions set, k_b stratified over 1..L. Returns mask, k."""
-    u = torch.rand(1, generator=generator, device=device)
-    k = 1 + ((u + torch.arange(B, device=device) / B) % 1 * L).long().clamp(max=L - 1)   # (B,)
-    rank = torch.rand(B, L, generator=generator, device=device).argsort(1).argsort(1)
-    return rank < k[:, None], k
-
-@torch.no_grad()
-def nelbo_per_seq(model, x0, generator):
-    """Unbiased NELBO estimate per sequence (B,), in nats per character."""
-    mask, k = exact_k_mask(*x0.shape, generator, x0.device)
-    xt = x0.masked_fill(mask, model.config.vocab_size - 1)
-    logits = model(xt, k / x0.size(1))
-    return masked_ce(logits, x0, mask).sum(1) / k
-
-@torch.no_grad()
-def estimate_nelbo(model, data, n_batches, batch_size, seed=1234, autocast=contextlib.nullcontext):
-    """Mean NELBO (nats/char) and its standard error over n_batches seeded batches of `data`.
-    The fixed seed means the same windows and masks every call: evals are comparable."""
-    was_training = model.training
-    model.eval()
-    g = torch.Generator(device=data.device).manual_seed(seed)
-    values = []
-    for _ in range(n_batches):
-        x0 = get_batch(data, batch_size, model.config.block_size, g)
-        with autocast():
-            values.append(nelbo_per_seq(model, x0, g).float())
-    model.train(was_training)
-    v = torch.cat(values)
-    return v.mean().item(), (v.std() / math.sqrt(len(v))).item() if len(v) > 1 else float('nan')
-
-@torch.no_grad()
-def ce_per_noise_level(model, data, ts, n_batches, batch_size, seed=1234):
-    """Masked CE (nats per masked char) at fixed t: how hard each noise level is."""
-    model.eval()
-    g = torch.Generator(device=data.device).manual_seed(seed)
-    rows = []
-    for t in ts:
-        total, count = 0.0, 0
-        for _ in range(n_batches):
-            x0 = get_batch(data, batch_size, model.config.block_size, g)
-            tt = torch.full((batch_size,), t, device=data.device)
-            xt, mask = forward_mask(x0, tt, model.config.vocab_size - 1, g)
-            total += masked_ce(model(xt, tt), x0, mask).sum().item()
-            count += mask.sum().item()
-        rows.append(total / max(count, 1))
-    return rows
-
-# -----------------------------------------------------------------------------
 # Training: AdamW, warmup then cosine, gradient clipping, seeded everything, atomic checkpoints.
 
 def get_lr(it, args):
@@ -668,7 +612,7 @@ def train(args):
 # logits, so we reuse them (MDLM's cache, per row); with more steps than masks most are skipped.
 # `passes` counts the steps that ran the model at all (on one row or on all of them).
 
-RULES = ('confidence', 'ancestral', 'random')
+RULES = ('ancestral', 'confidence', 'random')   # the first is the default (see README)
 
 def propose(logits, temperature, top_k, generator):
     """Sample a token per position from softmax(logits / temperature) by Gumbel-max in float64
@@ -688,9 +632,10 @@ def propose(logits, temperature, top_k, generator):
     return tokens, conf
 
 @torch.no_grad()
-def generate(model, x, steps, rule='confidence', temperature=1.0, top_k=None, generator=None,
-             on_step=None):
-    """Fill every [MASK] of x (B, T) in `steps` steps. Returns (x, forward passes used)."""
+def generate(model, x, steps, rule='ancestral', temperature=1.0, top_k=None, generator=None,
+             on_step=None, cache=True):
+    """Fill every [MASK] of x (B, T) in `steps` steps. Returns (x, forward passes used).
+    cache=False reruns the model on every row at every step (the reference the cache must match)."""
     mask_id = model.config.vocab_size - 1
     x = x.clone()
     n_masked = (x == mask_id).sum(1)                                   # (B,) M per row
@@ -705,7 +650,7 @@ def generate(model, x, steps, rule='confidence', temperature=1.0, top_k=None, ge
             else:
                 logits[stale] = fresh
             passes += 1
-        tokens, conf = propose(logits, temperature, top_k, generator)
+        tokens, conf = propose(logits, temperature, top_k, generator)        # (B, T) each
         if rule == 'ancestral':
             t, s = 1 - i / steps, 1 - (i + 1) / steps
             u = torch.rand(x.shape, generator=generator, device=x.device)
@@ -714,10 +659,10 @@ def generate(model, x, steps, rule='confidence', temperature=1.0, top_k=None, ge
             k = n_masked // steps + (i < n_masked % steps).long()      # (B,) commits this step
             score = conf if rule == 'confidence' else torch.rand(
                 x.shape, generator=generator, device=x.device, dtype=conf.dtype)
-            rank = score.masked_fill(~masked, -1.0).argsort(1, descending=True).argsort(1)
+            rank = score.masked_fill(~masked, -1.0).argsort(1, descending=True).argsort(1)   # 0 = best
             commit = masked & (rank < k[:, None])                      # the k best masked positions
         x = torch.where(commit, tokens, x)
-        stale = commit.any(1)                                          # these rows' input changed
+        stale = commit.any(1) | (not cache)                            # these rows' input changed
         if on_step is not None:
             on_step(i, x)
     return x, passes
@@ -725,15 +670,16 @@ def generate(model, x, steps, rule='confidence', temperature=1.0, top_k=None, ge
 def generate_text(model, prefix, length, num_samples, steps, rule, temperature=1.0, top_k=None,
                   generator=None, on_step=None):
     """`length` new tokens after `prefix` (a list of ids), for num_samples rows at once.
-    Longer than the context: semi-autoregressive blocks (LLaDA). Each window keeps as much of
-    the text so far as fits and generates at least half a block of new tokens."""
+    Longer than the context: block by block, each block conditioned on the text before it (a
+    sliding-window cousin of LLaDA's semi-autoregressive blocks). Each window keeps as much of
+    the text so far as fits, and makes half a block of new tokens (fewer in the last window)."""
     T, mask_id = model.config.block_size, model.config.vocab_size - 1
     device = next(model.parameters()).device
     out = torch.tensor(prefix, dtype=torch.long, device=device).repeat(num_samples, 1)   # (B, P)
     passes = 0
     while out.size(1) < len(prefix) + length:
-        n_new = min(len(prefix) + length - out.size(1), max(T - out.size(1), T // 2))
-        context = out[:, out.size(1) - min(out.size(1), T - n_new):]
+        n_new = min(len(prefix) + length - out.size(1), max(T - out.size(1), T // 2))   # new this window
+        context = out[:, out.size(1) - min(out.size(1), T - n_new):]                    # (B, <= T - n_new)
         x = torch.cat([context, torch.full((num_samples, n_new), mask_id, device=device)], 1)
         x, p = generate(model, x, steps, rule, temperature, top_k, generator, on_step)
         out, passes = torch.cat([out, x[:, -n_new:]], 1), passes + p
@@ -754,6 +700,67 @@ def parse_infill(text, tok):
     return ids
 
 # -----------------------------------------------------------------------------
+# Evaluation: an honest likelihood bound, held out, deterministic, low variance.
+# Training's estimator (random t, Bernoulli masks) is unbiased but noisy. For evaluation, count
+# masks instead of drawing t: mask exactly k of the L positions, k spread evenly over 1..L across
+# the batch, and weigh by 1/k (LLaDA's estimator). For a model that ignores t this is exactly the
+# NELBO: integrating (1/t) P(k masked | t) over t gives 1/k. The model is told t = k / L; for a
+# time-conditioned model the estimate is then the any-order autoregressive bound of the model's
+# own conditionals: the generator that unmasks one character at a time in a random order, each
+# drawn from the model (an "any-order autoregressive" model), has -log p(x0) below this estimate.
+
+def exact_k_mask(B, L, generator, device):
+    """(B, L) masks with exactly k_b positions set, k_b stratified over 1..L. Returns mask, k."""
+    u = torch.rand(1, generator=generator, device=device)
+    strata = (u + torch.arange(B, device=device) / B) % 1                 # (B,) one per 1/B of [0, 1)
+    k = 1 + (strata * L).long().clamp(max=L - 1)                          # (B,) in 1..L
+    # argsort of random scores is a random permutation; argsort again gives each position its
+    # rank in it, and rank < k picks exactly k positions, uniformly among all such sets
+    rank = torch.rand(B, L, generator=generator, device=device).argsort(1).argsort(1)   # (B, L)
+    return rank < k[:, None], k
+
+@torch.no_grad()
+def nelbo_per_seq(model, x0, generator):
+    """Unbiased NELBO estimate per sequence (B,), in nats per character."""
+    mask, k = exact_k_mask(*x0.shape, generator, x0.device)
+    xt = x0.masked_fill(mask, model.config.vocab_size - 1)
+    logits = model(xt, k / x0.size(1))
+    return masked_ce(logits, x0, mask).sum(1) / k
+
+@torch.no_grad()
+def estimate_nelbo(model, data, n_batches, batch_size, seed=1234, autocast=contextlib.nullcontext):
+    """Mean NELBO (nats/char) and its standard error over n_batches seeded batches of `data`.
+    The fixed seed means the same windows and masks every call: evals are comparable."""
+    was_training = model.training
+    model.eval()
+    g = torch.Generator(device=data.device).manual_seed(seed)
+    values = []
+    for _ in range(n_batches):
+        x0 = get_batch(data, batch_size, model.config.block_size, g)
+        with autocast():
+            values.append(nelbo_per_seq(model, x0, g).float())
+    model.train(was_training)
+    v = torch.cat(values)
+    return v.mean().item(), (v.std() / math.sqrt(len(v))).item() if len(v) > 1 else float('nan')
+
+@torch.no_grad()
+def ce_per_noise_level(model, data, ts, n_batches, batch_size, seed=1234):
+    """Masked CE (nats per masked char) at fixed t: how hard each noise level is."""
+    model.eval()
+    g = torch.Generator(device=data.device).manual_seed(seed)
+    rows = []
+    for t in ts:
+        total, count = 0.0, 0
+        for _ in range(n_batches):
+            x0 = get_batch(data, batch_size, model.config.block_size, g)
+            tt = torch.full((batch_size,), t, device=data.device)
+            xt, mask = forward_mask(x0, tt, model.config.vocab_size - 1, g)
+            total += masked_ce(model(xt, tt), x0, mask).sum().item()
+            count += mask.sum().item()
+        rows.append(total / max(count, 1))
+    return rows
+
+# -----------------------------------------------------------------------------
 # Command line
 
 def load_for_inference(args):
@@ -764,7 +771,7 @@ def load_for_inference(args):
           f'device {device}', file=sys.stderr)
     return model, tok, ckpt
 
-def show_frames(tok, width):
+def show_frames(tok):
     """--show: each step's text, redrawn in place on a terminal, else printed as a history."""
     tty = sys.stderr.isatty()
     def on_step(i, x):
@@ -780,7 +787,7 @@ def run_generation(args):
     model, tok, _ = load_for_inference(args)
     T = model.config.block_size
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
-    on_step = show_frames(tok, T) if args.show else None
+    on_step = show_frames(tok) if args.show else None
     opts = dict(steps=args.steps, rule=args.rule, temperature=args.temperature, top_k=args.top_k,
                 generator=g, on_step=on_step)
     if args.infill is not None:
@@ -875,7 +882,7 @@ def run_bench(args):
     preset = resolve(args, device)
     sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
     config = ModelConfig(vocab_size=66, block_size=args.block_size, n_layer=args.n_layer,
-                         n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
+                         n_head=args.n_head, n_embd=args.n_embd, dropout=0.0,   # the formula has no dropout
                          use_time=args.use_time, rope=args.rope)
     torch.manual_seed(args.seed)
     model = MDLM(config).to(device)
@@ -897,7 +904,7 @@ def run_bench(args):
         optimizer.zero_grad(set_to_none=True)
     n = max(3, args.max_iters if 'max_iters' in args.explicit else 20)
     results = {}
-    for fused in (True, False):            # measured alternately, twice, to even out machine noise
+    for fused in (True, False):            # the same steps, fused kernel then the formula
         for block in model.blocks:
             block.attn.fused = fused
         for _ in range(2):
@@ -910,7 +917,7 @@ def run_bench(args):
         results[fused] = (time.time() - t0) / n
         dt = results[fused]
         line = f'train ({"fused sdpa" if fused else "manual attention"}): {dt * 1000:.1f} ms/step, {B * T / dt:,.0f} tok/s'
-        if device.startswith('cuda'):    # MFU against the H100's dense bf16 peak, 989 TFLOP/s
+        if device.startswith('cuda'):    # MFU against an H100 SXM's dense bf16 peak (989 TFLOP/s), whatever the GPU
             flops = 6 * model.num_params() + 12 * config.n_layer * config.n_embd * T
             line += f', MFU {flops * B * T / dt / 989e12 * 100:.1f}% (of 989 TFLOP/s)'
         print(line)
@@ -1025,7 +1032,7 @@ def build_parser():
     t.add_argument('--compile', action='store_true', help='torch.compile the model')
     g = p.add_argument_group('generation')
     g.add_argument('--steps', type=positive_int, default=64, help='denoising steps per block')
-    g.add_argument('--rule', choices=RULES, default='confidence', help='which proposals to commit')
+    g.add_argument('--rule', choices=RULES, default='ancestral', help='which proposals to commit (see README)')
     g.add_argument('--temperature', type=nonneg_float, default=1.0, help='0: argmax')
     g.add_argument('--top-k', type=positive_int)
     g.add_argument('--num-samples', type=positive_int, default=1)

@@ -166,6 +166,11 @@ def test_adaln_zero_starts_independent_of_t():
     x = torch.randint(66, (2, 32))
     a, b = model(x, torch.tensor([0.1, 0.1])), model(x, torch.tensor([0.9, 0.9]))
     assert torch.equal(a, b), 'zero-initialised adaLN: t has no effect at the start'
+    plain = tiny_model(use_time=False)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k in plain.state_dict()})
+    assert torch.allclose(plain(x, torch.zeros(2)), a, atol=1e-6), 'at the start it is the plain transformer'
+    for block in model.blocks:
+        assert torch.equal(block.ln1.weight, torch.ones(32)) and torch.equal(block.ln2.bias, torch.zeros(32))
     with torch.no_grad():
         for block in model.blocks:
             block.ada.weight.normal_(std=0.1)
@@ -320,7 +325,12 @@ def test_resume_keeps_the_saved_training_flags_and_reports_changes(trained, tmp_
     err = capsys.readouterr().err
     assert 'resuming from' in err and 'max_iters: 40 -> 42' in err and 'step 42 |' in err, err
     assert 'batch_size' not in err, 'flags not given again keep their saved values'
-    assert torch.load(out / 'ckpt.pt', weights_only=True)['iter'] == 42
+    assert mdlm.main(['--train', '--resume', '--out-dir', str(out), '--device', 'cpu', '--data', DATA,
+                      '--max-iters', '43', '--weight-decay', '0.5']) == 0
+    assert 'weight_decay: 0.1 -> 0.5' in capsys.readouterr().err
+    saved = torch.load(out / 'ckpt.pt', weights_only=True)
+    assert saved['optimizer']['param_groups'][0]['weight_decay'] == 0.5 and saved['args']['batch_size'] == 8
+    assert saved['iter'] == 43
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     rc = mdlm.main(['--train', '--max-iters', '30', '--eval-interval', '10', '--log-interval', '1',
@@ -361,13 +371,21 @@ def test_confidence_uses_exactly_steps_passes_and_spreads_the_commits():
     assert [c[0] for c in counts] == [5, 5, 5, 5, 4, 4, 4] and sum(c[0] for c in counts) == 32
 
 def test_confidence_commits_the_most_confident_proposal():
-    model = tiny_model()
-    x = torch.full((1, 32), 65)
+    class Stub(torch.nn.Module):                       # fixed logits: confidences clearly apart
+        config = mdlm.ModelConfig(vocab_size=66, block_size=32)
+        logits = torch.cat([3 * torch.randn(1, 32, 65, generator=torch.Generator().manual_seed(0)),
+                            torch.full((1, 32, 1), float('-inf'))], -1)
+        def forward(self, xt, t):
+            return self.logits.repeat(xt.size(0), 1, 1)
+    x = torch.randint(65, (1, 32), generator=torch.Generator().manual_seed(0))
+    x[0, ::2] = 65                                     # 16 masks, among known characters
     first = []
-    mdlm.generate(model, x, 32, 'confidence', temperature=0, generator=torch.Generator().manual_seed(0),
+    mdlm.generate(Stub(), x, 16, 'confidence', temperature=0, generator=torch.Generator().manual_seed(0),
                   on_step=lambda i, xs: first.append(xs.clone()) if i == 0 else None)
-    probs = model(x, torch.ones(1)).double().softmax(-1).max(-1).values[0]
-    assert (first[0][0] != 65).nonzero().item() == probs.argmax().item()
+    probs = Stub.logits.double().softmax(-1).max(-1).values[0]
+    probs[x[0] != 65] = -1
+    assert ((first[0][0] != 65) & (x[0] == 65)).nonzero().item() == probs.argmax().item()
+    assert first[0][0, probs.argmax()] == Stub.logits[0, probs.argmax()].argmax(), 'the ranked token is committed'
 
 def test_ancestral_unmask_fraction_matches_t_minus_s_over_t():
     model = tiny_model()
@@ -390,17 +408,19 @@ def test_ancestral_cache_skips_passes_when_nothing_changed():
     out, passes = mdlm.generate(model, x, 100, 'ancestral', generator=torch.Generator().manual_seed(0))
     assert passes <= 5 and not (out == 65).any()
     # and the cache changes nothing: recomputing each step gives the same text
-    cached = out
-    calls = []
-    class NoCache(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.config = model.config
-        def forward(self, xt, t):
-            calls.append(1)
-            return model(xt, t)
-    uncached, _ = mdlm.generate(NoCache(), x, 100, 'ancestral', generator=torch.Generator().manual_seed(0))
-    assert torch.equal(cached, uncached) and len(calls) == passes
+    uncached, all_passes = mdlm.generate(model, x, 100, 'ancestral', generator=torch.Generator().manual_seed(0),
+                                         cache=False)
+    assert all_passes == 100 and torch.equal(out, uncached), 'reusing logits changes nothing'
+
+def test_per_row_cache_matches_recomputing_every_row():
+    model = tiny_model()
+    x = torch.full((4, 32), 65)
+    x[:, :24] = torch.randint(65, (4, 24), generator=torch.Generator().manual_seed(1))
+    x[1, 24:30] = 3                                     # rows with different numbers of masks
+    runs = [mdlm.generate(model, x, 40, rule, generator=torch.Generator().manual_seed(2), cache=c)
+            for rule in mdlm.RULES for c in (True, False)]
+    for (a, pa), (b, pb) in zip(runs[::2], runs[1::2]):
+        assert torch.equal(a, b) and pa < pb == 40
 
 def test_seeds_reproduce_and_differ():
     model = tiny_model()
@@ -618,7 +638,8 @@ def test_plot_without_matplotlib_draws_in_the_terminal(trained, capsys, monkeypa
     monkeypatch.setitem(sys.modules, 'matplotlib', None)      # import matplotlib -> ImportError
     assert mdlm.main(['--plot', '--out-dir', trained]) == 0
     out = capsys.readouterr().out
-    assert 'v' in out and 'train nelbo' in out and '|' in out
+    chart = [line.split('|', 1)[1] for line in out.splitlines() if line.count('|') == 1 and line.strip()[0].isdigit()]
+    assert len(chart) == 12 and any('t' in row for row in chart) and any('v' in row for row in chart), out
 
 # -----------------------------------------------------------------------------
 # devices, precision, bench
@@ -651,8 +672,10 @@ def test_bench_prints_figures(capsys):
     assert 'tok/s' in out and 'speed-up' in out and all(f'sample ({r})' in out for r in mdlm.RULES)
 
 def test_importing_runs_nothing():
-    r = subprocess.run([sys.executable, '-c', 'import mdlm'], capture_output=True, text=True, cwd=HERE)
-    assert r.returncode == 0 and r.stdout == '' and r.stderr == ''
+    before = sorted(os.listdir(HERE))
+    r = subprocess.run([sys.executable, '-B', '-c', 'import mdlm'], capture_output=True, text=True, cwd=HERE)
+    assert r.returncode == 0 and r.stdout == '' and r.stderr == '', r
+    assert sorted(os.listdir(HERE)) == before, 'importing created files'
 
 def test_ddp_two_processes_match_one_process_with_twice_the_batch(tmp_path):
     """torchrun with the gloo backend on CPU: 2 ranks x batch 4 give the weights of 1 process x batch 8."""
