@@ -644,9 +644,18 @@ def test_plot_without_matplotlib_draws_in_the_terminal(trained, capsys, monkeypa
 # -----------------------------------------------------------------------------
 # devices, precision, bench
 
-def test_pick_device_prefers_the_request():
+def test_pick_device_prefers_the_request_and_refuses_what_is_missing():
     assert mdlm.pick_device('cpu') == 'cpu'
-    assert mdlm.pick_device() in ('cuda', 'mps', 'cpu')
+    best = mdlm.pick_device()
+    assert best == ('cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu')
+    if torch.cuda.is_available():
+        assert mdlm.pick_device('cuda') == 'cuda'
+    else:
+        with pytest.raises(mdlm.CliError, match='not available'):
+            mdlm.pick_device('cuda')
+    with pytest.raises(mdlm.CliError, match='unknown --device'):
+        mdlm.pick_device('tpu')
+    assert mdlm.autocast_for('cpu', 'auto') is __import__('contextlib').nullcontext, 'fp32 on CPU by default'
 
 def test_bf16_autocast_training_step_and_sampling_on_cpu(text, tok):
     data = torch.tensor(tok.encode(text[:10000]))
@@ -669,7 +678,8 @@ def test_bench_prints_figures(capsys):
     assert mdlm.main(['--bench', '--max-iters', '3', '--n-layer', '1', '--n-embd', '32', '--n-head', '2',
                       '--block-size', '16', '--batch-size', '4', '--steps', '4', '--device', 'cpu']) == 0
     out = capsys.readouterr().out
-    assert 'tok/s' in out and 'speed-up' in out and all(f'sample ({r})' in out for r in mdlm.RULES)
+    assert 'tok/s' in out and 'speed-up' in out and 'GPT of the same shape' in out
+    assert all(f'sample ({r})' in out for r in mdlm.RULES)
 
 def test_importing_runs_nothing():
     before = sorted(os.listdir(HERE))
