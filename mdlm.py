@@ -18,7 +18,7 @@ names when a function runs, so train() may call estimate_nelbo, which is explain
     python mdlm.py --complete "ROMEO:"        # prompt completion
     python mdlm.py --infill "To [___] or not to [___]"
     python mdlm.py --eval                     # the likelihood bound, in bits per character
-    python mdlm.py --train --preset base      # the lesson's full model (a GPU: ~12M params)
+    python mdlm.py --train --preset base      # the lesson's full model (a GPU: 11.9M params)
     torchrun --standalone --nproc_per_node=8 mdlm.py --train    # several GPUs (batch is per GPU)
 """
 
@@ -387,7 +387,8 @@ def load_checkpoint(path):
     except Exception as e:
         reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
         raise CliError(f'{path} is not a loadable checkpoint ({reason})')
-    if not isinstance(ckpt, dict) or ckpt.get('format') != 'mdlm-1':
+    keys = {'model', 'optimizer', 'config', 'vocab', 'iter', 'best_val', 'args', 'rng'}
+    if not isinstance(ckpt, dict) or ckpt.get('format') != 'mdlm-1' or not keys <= ckpt.keys():
         raise CliError(f'{path} is not an mdlm checkpoint')
     return ckpt
 
@@ -397,7 +398,8 @@ def model_from_checkpoint(ckpt, device='cpu'):
         model = MDLM(config)
         model.load_state_dict(ckpt['model'])
         tok = Tokenizer(ckpt['vocab'])
-        assert tok.vocab_size == config.vocab_size
+        if tok.vocab_size != config.vocab_size:
+            raise ValueError('vocabulary and model disagree')
     except Exception as e:
         raise CliError(f'the checkpoint does not hold a valid mdlm model ({type(e).__name__})')
     return model.to(device).eval(), tok
@@ -433,8 +435,11 @@ def resume_config(ckpt, args):
             setattr(args, name, saved_value)
         elif getattr(args, name) != saved_value:
             changed.append(f'{name}: {saved_value} -> {getattr(args, name)}')
+    if args.data == DEFAULT_DATA and ckpt['args'].get('data'):   # the text it was trained on
+        args.data = ckpt['args']['data']
     config = ModelConfig(**saved)
-    if 'dropout' in args.explicit:
+    if 'dropout' in args.explicit and args.dropout != config.dropout:
+        changed.append(f'dropout: {config.dropout} -> {args.dropout}')
         config.dropout = args.dropout
     for name in ARCH_FLAGS:
         setattr(args, name, getattr(config, name))
@@ -477,7 +482,7 @@ def train(args):
     rank, world, device = ddp_setup(args.device)
     master = rank == 0
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if master else (lambda *a: None)
-    preset = resolve(args, 'cpu' if device == 'cpu' else 'gpu')
+    preset = resolve(args, device.split(':')[0])
     ckpt_path, log_path = os.path.join(args.out_dir, 'ckpt.pt'), os.path.join(args.out_dir, 'log.csv')
     ckpt = load_checkpoint(ckpt_path) if args.resume else None
 
@@ -589,7 +594,7 @@ def train(args):
     except StopRequested:
         save(it, loss)
         log(f'stopped at step {it}; saved {ckpt_path}. Resume with: python mdlm.py --train --resume'
-            + (f' --out-dir {args.out_dir}' if args.out_dir != 'out' else ''))
+            + (f' --out-dir {args.out_dir}' if args.out_dir != 'out' else ''))   # --data: remembered
         raise SystemExit(130)
     finally:
         for s, h in old_handlers.items():
@@ -675,13 +680,15 @@ def generate_text(model, prefix, length, num_samples, steps, rule, temperature=1
     """`length` new tokens after `prefix` (a list of ids), for num_samples rows at once.
     Longer than the context: block by block, each block conditioned on the text before it (a
     sliding-window cousin of LLaDA's semi-autoregressive blocks). Each window keeps as much of
-    the text so far as fits, and makes half a block of new tokens (fewer in the last window)."""
+    the text so far as fits: the first window all of the prompt, later ones half a block, so
+    that each later window makes half a block of new tokens (fewer in the last)."""
     T, mask_id = model.config.block_size, model.config.vocab_size - 1
     device = next(model.parameters()).device
     out = torch.tensor(prefix, dtype=torch.long, device=device).repeat(num_samples, 1)   # (B, P)
     passes = 0
     while out.size(1) < len(prefix) + length:
-        n_new = min(len(prefix) + length - out.size(1), max(T - out.size(1), T // 2))   # new this window
+        first = out.size(1) == len(prefix)         # the first window sees the whole prompt
+        n_new = min(len(prefix) + length - out.size(1), max(T - out.size(1), 1 if first else max(1, T // 2)))
         context = out[:, out.size(1) - min(out.size(1), T - n_new):]                    # (B, <= T - n_new)
         x = torch.cat([context, torch.full((num_samples, n_new), mask_id, device=device)], 1)
         x, p = generate(model, x, steps, rule, temperature, top_k, generator, on_step)
@@ -840,8 +847,10 @@ def run_plot(args):
             rows = list(csv.DictReader(f))
         steps = [int(r['step']) for r in rows]
         curves = {k: [float(r[k]) for r in rows] for k in ('train_nelbo', 'val_nelbo')}
-    except (OSError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError, TypeError):
         raise CliError(f'no readable training log at {path}; train with --out-dir {args.out_dir} first')
+    if not all(math.isfinite(v) for c in curves.values() for v in c):
+        raise CliError(f'{path} holds a value that is not a finite number')
     if not rows:
         raise CliError(f'{path} has no evaluations yet')
     try:
@@ -958,9 +967,14 @@ def run_bench(args):
 
 def pick_device(requested=None):
     if requested:
-        kind = requested.split(':')[0]
+        try:
+            kind, index = torch.device(requested).type, torch.device(requested).index
+        except RuntimeError:
+            kind, index = None, None
         if kind not in ('cpu', 'cuda', 'mps'):
-            raise CliError(f'unknown --device {requested}: use cpu, cuda or mps')
+            raise CliError(f'unknown --device {requested}: use cpu, cuda, cuda:N or mps')
+        if kind == 'cuda' and index is not None and index >= torch.cuda.device_count():
+            raise CliError(f'--device {requested} is not available on this machine')
         if kind == 'cuda' and not torch.cuda.is_available() or \
                 kind == 'mps' and not (hasattr(torch.backends, 'mps') and torch.backends.mps.is_available()):
             raise CliError(f'--device {requested} is not available on this machine')
@@ -991,6 +1005,12 @@ def nonneg_int(s):
         raise argparse.ArgumentTypeError(f'must be at least 0, got {v}')
     return v
 
+def seed_int(s):
+    v = int(s)
+    if not 0 <= v < 2 ** 63:
+        raise argparse.ArgumentTypeError(f'must be in 0 .. 2**63 - 1, got {s}')
+    return v
+
 def positive_float(s):
     v = float(s)
     if not v > 0 or not math.isfinite(v):
@@ -1014,8 +1034,10 @@ TRAIN_FLAGS = ('batch_size', 'max_iters', 'lr', 'min_lr', 'warmup_iters', 'weigh
                'eval_interval', 'eval_iters', 'log_interval')                  # may change on --resume
 
 def build_parser():
-    p = argparse.ArgumentParser(description='A masked diffusion language model, in one file.',
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    class Help(argparse.ArgumentDefaultsHelpFormatter):   # show a default only where there is one
+        def _get_help_string(self, action):
+            return action.help if action.default in (None, False) else super()._get_help_string(action)
+    p = argparse.ArgumentParser(description='A masked diffusion language model, in one file.', formatter_class=Help)
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument('--train', action='store_true', help='train (or --resume) a model')
     mode.add_argument('--sample', action='store_true', help='generate text from pure noise')
@@ -1034,9 +1056,9 @@ def build_parser():
     m.add_argument('--block-size', type=positive_int)
     m.add_argument('--dropout', type=probability)
     m.add_argument('--time', dest='use_time', action=argparse.BooleanOptionalAction, default=None,
-                   help='condition on t through adaLN (--no-time: the model sees only the masks)')
+                   help='condition on t through adaLN (default: on; --no-time: the model sees only the masks)')
     m.add_argument('--rope', action=argparse.BooleanOptionalAction, default=None,
-                   help='rotary positions (--no-rope: learned absolute positions)')
+                   help='rotary positions (default: on; --no-rope: learned absolute positions)')
     t = p.add_argument_group('training')
     t.add_argument('--batch-size', type=positive_int)
     t.add_argument('--max-iters', type=nonneg_int)
@@ -1063,12 +1085,12 @@ def build_parser():
     c.add_argument('--out-dir', default='out')
     c.add_argument('--device', help='cuda, mps or cpu (default: the best available)')
     c.add_argument('--dtype', choices=['auto', 'float32', 'bfloat16'], default='auto')
-    c.add_argument('--seed', type=int, default=1337)
+    c.add_argument('--seed', type=seed_int, default=1337)
     return p
 
 def resolve(args, device):
     """Fill the flags left unset from the preset."""
-    preset = args.preset if args.preset != 'auto' else ('tiny' if device == 'cpu' else 'base')
+    preset = args.preset if args.preset != 'auto' else ('tiny' if device.split(':')[0] == 'cpu' else 'base')
     for k, v in PRESETS[preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -1087,6 +1109,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         if args.show_noise is not None:
+            if not args.show_noise:
+                raise CliError('give some text to show the forward process on')
             tok = Tokenizer.from_text(load_text(args.data, allow_download=args.data == DEFAULT_DATA))
             print(show_noise(args.show_noise, tok, args.seed))
             return 0

@@ -555,22 +555,25 @@ import sys, torch, mdlm
 i = 0
 while True:
     i += 1
-    mdlm.save_checkpoint(sys.argv[1], {'format': 'mdlm-1', 'i': i, 'w': torch.full((500_000,), float(i))})
+    mdlm.save_checkpoint(sys.argv[1], {'format': 'mdlm-1', 'model': {}, 'optimizer': {}, 'config': {}, 'vocab': [],
+                                       'iter': i, 'best_val': 0.0, 'args': {}, 'rng': {},
+                                       'w': torch.full((500_000,), float(i))})
 '''
 
 def test_sigkill_during_checkpoint_writes_never_breaks_the_checkpoint(tmp_path):
     path = str(tmp_path / 'ckpt.pt')
-    mdlm.save_checkpoint(path, {'format': 'mdlm-1', 'i': 0, 'w': torch.zeros(500_000)})
+    mdlm.save_checkpoint(path, {'format': 'mdlm-1', 'model': {}, 'optimizer': {}, 'config': {}, 'vocab': [],
+                                'iter': 0, 'best_val': 0.0, 'args': {}, 'rng': {}, 'w': torch.zeros(500_000)})
     for delay in (0.0, 0.05, 0.13, 0.31, 0.57, 0.83):
-        before = mdlm.load_checkpoint(path)['i']
+        before = mdlm.load_checkpoint(path)['iter']
         p = subprocess.Popen([sys.executable, '-c', SAVER, path], cwd=HERE)
-        while mdlm.load_checkpoint(path)['i'] == before:   # wait until it is writing
+        while mdlm.load_checkpoint(path)['iter'] == before and p.poll() is None:   # until it writes
             time.sleep(0.01)
         time.sleep(delay)
         p.kill()
         p.wait()
         ckpt = mdlm.load_checkpoint(path)
-        assert torch.equal(ckpt['w'], torch.full((500_000,), float(ckpt['i'])))
+        assert torch.equal(ckpt['w'], torch.full((500_000,), float(ckpt['iter'])))
 
 # -----------------------------------------------------------------------------
 # evaluation
@@ -713,3 +716,26 @@ def test_grad_accum_matches_a_larger_batch(tmp_path):
     b = torch.load(tmp_path / 'acc' / 'ckpt.pt', weights_only=True)['model']
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+def test_first_window_sees_the_whole_prompt():
+    model = tiny_model()
+    seen = []
+    orig = model.forward
+    model.forward = lambda xt, t: (seen.append(xt.clone()), orig(xt, t))[1]
+    prefix = list(range(30))                                  # 30 of the 32 positions
+    out, _ = mdlm.generate_text(model, prefix, 40, 1, 2, 'confidence', generator=torch.Generator().manual_seed(0))
+    assert seen[0][0, :30].tolist() == prefix and out.shape == (1, 70) and not (out == 65).any()
+
+def test_more_one_line_errors(trained, tmp_path, capsys):
+    assert mdlm.main(['--show-noise', '']) == 1 and 'give some text' in capsys.readouterr().err
+    d = tmp_path / 'crafted'
+    d.mkdir()
+    torch.save({'format': 'mdlm-1', 'model': {}, 'config': {}}, d / 'ckpt.pt')     # keys missing
+    assert mdlm.main(['--sample', '--out-dir', str(d), '--device', 'cpu']) == 1
+    assert 'not an mdlm checkpoint' in capsys.readouterr().err
+    (d / 'log.csv').write_text('step,train_nelbo,val_nelbo,val_se,seconds\n500,2.6\n')
+    assert mdlm.main(['--plot', '--out-dir', str(d)]) == 1 and 'log' in capsys.readouterr().err
+    assert mdlm.main(['--sample', '--out-dir', trained, '--device', 'cpu:x']) == 1
+    assert 'unknown --device' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        mdlm.main(['--sample', '--seed', str(2 ** 70)])
