@@ -526,9 +526,12 @@ def train(args):
     log(f'device {device}{f" x {world}" if world > 1 else ""} | preset {preset} | '
         f'{raw_model.num_params() / 1e6:.2f}M parameters | {asdict(config)}')
 
-    def save(iteration, loss):
-        if loss is not None and not math.isfinite(loss.item()):   # never save a broken model
+    def check_finite(loss, iteration):
+        """A non-finite loss ends the run before anything is saved: the last good checkpoint stays."""
+        if loss is not None and not math.isfinite(loss.item()):
             raise CliError(f'the loss is not finite at step {iteration}; kept the last good checkpoint {ckpt_path}')
+
+    def save(iteration):
         if master:
             os.makedirs(args.out_dir, exist_ok=True)
             save_checkpoint(ckpt_path, {
@@ -549,6 +552,7 @@ def train(args):
         while True:
             # 5) evaluate and checkpoint (not again at the step a resumed run starts from)
             if (it % args.eval_interval == 0 or it == args.max_iters) and not (ckpt and it == start_it):
+                check_finite(loss, it)
                 train_nelbo, _ = estimate_nelbo(raw_model, train_data, args.eval_iters, B, autocast=autocast)
                 val_nelbo, val_se = estimate_nelbo(raw_model, val_data, args.eval_iters, B, autocast=autocast)
                 best_val = min(best_val, val_nelbo)
@@ -559,7 +563,7 @@ def train(args):
                     os.makedirs(args.out_dir, exist_ok=True)
                     append_log(log_path, not ckpt and it == 0 or not os.path.exists(log_path),
                                [it, f'{train_nelbo:.5f}', f'{val_nelbo:.5f}', f'{val_se:.5f}', f'{time.time() - t0:.1f}'])
-                save(it, loss)
+                save(it)
                 t_steps, it_steps = time.time(), it
             if it >= args.max_iters:
                 break
@@ -583,16 +587,16 @@ def train(args):
             optimizer.zero_grad(set_to_none=True)
             it += 1
             if it % args.log_interval == 0 or it == args.max_iters:   # the only host sync in the loop
+                check_finite(loss, it)
                 lossf = loss.item() * G                                 # this rank's last micro-batch
-                if not math.isfinite(lossf):
-                    raise CliError(f'the loss is not finite at step {it}; kept the last good checkpoint {ckpt_path}')
                 dt = (time.time() - t_steps) / (it - it_steps)
                 log(f'step {it} | loss {lossf:.4f} | lr {lr:.1e} | {dt * 1000:.1f}ms | '
                     f'{B * T * G * world / dt:,.0f} tok/s | eta {dt * (args.max_iters - it):.0f}s')
         log(f'done: best val nelbo {best_val:.4f} nats/char; latest checkpoint in {ckpt_path}')
         return best_val
     except StopRequested:
-        save(it, loss)
+        check_finite(loss, it)
+        save(it)
         log(f'stopped at step {it}; saved {ckpt_path}. Resume with: python mdlm.py --train --resume'
             + (f' --out-dir {args.out_dir}' if args.out_dir != 'out' else ''))   # --data: remembered
         raise SystemExit(130)
