@@ -54,6 +54,7 @@ class ModelConfig:
     dropout: float = 0.2
     use_time: bool = True    # condition on the noise level t through adaLN (it is optional: see the model)
     rope: bool = True        # rotary position embeddings (False: learned absolute positions)
+    causal: bool = False     # True: the GPT twin (attends only to the left; see "the GPT twin" below)
 
 # 'base' is the lesson's model, shaped like nanoGPT's char-level Shakespeare GPT (6 x 384, context
 # 256, dropout 0.2): 11.87M parameters with time conditioning, 10.65M without, both in the
@@ -197,11 +198,16 @@ def apply_rope(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
-def manual_attention(q, k, v):
+def manual_attention(q, k, v, causal=False):
     """What F.scaled_dot_product_attention computes (without dropout), spelled out:
-    softmax(q k^T / sqrt(hs)) v. A GPT would fill the upper triangle of `att` with -inf here;
-    a diffusion LM does not, and that is the only difference. Used by tests and --bench."""
+    softmax(q k^T / sqrt(hs)) v. A GPT fills the upper triangle of `att` with -inf, so position i
+    sees only positions <= i; a diffusion LM does not, and that is the only difference.
+    On a CPU this plain formula is as fast as the fused kernel in float32 and faster under
+    bfloat16 autocast, so training on a CPU uses it (see `fast_path`)."""
+    T = q.size(-2)
     att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))   # (B, nh, T, T)
+    if causal:
+        att = att.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float('-inf'))
     return att.softmax(dim=-1) @ v                              # (B, nh, T, hs)
 
 class SelfAttention(nn.Module):
@@ -210,8 +216,8 @@ class SelfAttention(nn.Module):
         self.n_head, self.dropout = config.n_head, config.dropout
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.fused = True    # False: the manual formula above (the --bench comparison)
-        self.causal = False  # True only in --bench, to time a GPT of the same shape
+        self.causal = config.causal
+        self.fused = True    # False: the manual formula above (no dropout: only when dropout is 0)
 
     def forward(self, x, rope):
         B, T, C = x.shape
@@ -222,7 +228,7 @@ class SelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                                is_causal=self.causal)
         else:
-            y = manual_attention(q, k, v)
+            y = manual_attention(q, k, v, self.causal)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 TIME_DIM = 128   # width of the time embedding that feeds every block's adaLN
@@ -341,25 +347,95 @@ def stratified(batch_size, generator, device):
     u = torch.rand(1, generator=generator, device=device)
     return (u + torch.arange(batch_size, device=device) / batch_size) % 1
 
-def antithetic_t(batch_size, generator, device):
-    """t for a batch, stratified over [EPS, 1] ("antithetic", MDLM's low-discrepancy sampler)."""
-    return EPS + (1 - EPS) * stratified(batch_size, generator, device)
-
-def nelbo_loss(logits, x0, mask, t):
-    """The training loss: the NELBO above, averaged over the batch, in nats per character."""
+def nelbo_loss(logits, x0, mask, t, weight=None):
+    """The training loss: the NELBO above, averaged over the batch, in nats per character.
+    weight (B,): each row's importance weight when t was not drawn uniformly (see draw_t)."""
     per_seq = masked_ce(logits, x0, mask).sum(1) / (t * x0.size(1))   # (B,)
-    return per_seq.mean()
+    return (per_seq if weight is None else per_seq * weight).mean()
+
+# Which t to train on. The NELBO is an integral over t, and any density q(t) may pick the t's
+# as long as each row is weighed by 1 / q(t): the mean is the same integral, only the spread
+# changes (importance sampling). 'uniform' is the plain draw. 'cosine' is the cosine noise
+# schedule, alpha = cos(pi u / 2), unmasked: in continuous time the NELBO does not depend on the
+# schedule, so a schedule only decides which mask rates training sees, with u uniform and
+# t = 1 - cos(pi u / 2), i.e. density q(t) = (2 / pi) / sqrt(t (2 - t)): more rows at small t.
+# Both are stratified over the batch (one u, shifted), MDLM's "antithetic" draw.
+
+T_PROPOSALS = ('uniform', 'cosine')
+
+def draw_t(batch_size, generator, device, proposal='uniform', hi=1.0):
+    """t (B,) in [EPS, hi] from `proposal`, and each row's weight 1 / ((hi - EPS) q(t)), which is
+    1 for uniform t: the weighted loss has the uniform draw's mean whatever the proposal."""
+    u = stratified(batch_size, generator, device)
+    if proposal == 'uniform':
+        return EPS + (hi - EPS) * u, torch.ones(batch_size, device=device)
+    u_lo, u_hi = (2 / math.pi) * math.acos(1 - EPS), (2 / math.pi) * math.acos(1 - hi)   # t = EPS, hi
+    t = 1 - torch.cos(math.pi / 2 * (u_lo + (u_hi - u_lo) * u))
+    q = (2 / math.pi) / torch.sqrt(t * (2 - t)) / (u_hi - u_lo)     # the density of t on [EPS, hi]
+    return t, 1 / ((hi - EPS) * q)
+
+def complementary_masks(x0, t, mask_id, generator):
+    """Each row twice: once masked at t, and its twin masked exactly where the first is not, at
+    time 1 - t (each position is still masked with the right probability, 1 - t). Every
+    character is predicted once per pair, so the pair's loss varies less than two free rows.
+    t must avoid both 0 and 1 (draw it in [EPS, 1 - EPS]): the twin's 1/t weight is 1 / (1 - t).
+    Returns x0, xt, mask, t with twice the rows, the twins in the second half."""
+    xt, mask = forward_mask(x0, t, mask_id, generator)
+    twin = x0.masked_fill(~mask, mask_id)
+    return torch.cat([x0, x0]), torch.cat([xt, twin]), torch.cat([mask, ~mask]), torch.cat([t, 1 - t])
 
 # -----------------------------------------------------------------------------
-# Training: AdamW, warmup then cosine, gradient clipping, seeded everything, atomic checkpoints.
+# The GPT twin: the yardstick. The same blocks with causal attention (ModelConfig.causal) and no
+# time input are a GPT: each position sees itself and what is left of it and predicts the next
+# character. Fed [start] + x0[:-1] it predicts all of x0, the same L characters the NELBO scores
+# (the [MASK] id serves as the start token: it never occurs in text). Its loss is not a bound
+# but the exact negative log-likelihood, so NELBO / NLL is the price of generating in any order.
+
+def gpt_input(x0, start_id):
+    """(B, T) -> (B, T): the window shifted right by one, the start token in front."""
+    return torch.cat([torch.full_like(x0[:, :1], start_id), x0[:, :-1]], 1)
+
+def gpt_loss(logits, x0):
+    """Mean next-character cross-entropy: exactly -log p(x0) / L, in nats per character."""
+    return F.cross_entropy(logits.transpose(1, 2), x0)
+
+# -----------------------------------------------------------------------------
+# Training: AdamW, warmup then cosine (or warmup-stable-decay), gradient clipping, seeded
+# everything, atomic checkpoints.
 
 def get_lr(it, args):
     if it < args.warmup_iters:                                   # 1) linear warmup
         return args.lr * (it + 1) / args.warmup_iters
     if it >= args.max_iters:
         return args.min_lr
+    if args.schedule == 'wsd':     # 2) stable at lr, then a linear decay over the last 20% of steps
+        decay_start = max(args.warmup_iters, 0.8 * args.max_iters)
+        frac = max(0.0, (it - decay_start) / max(1, args.max_iters - decay_start))
+        return args.lr - frac * (args.lr - args.min_lr)
     progress = (it - args.warmup_iters) / max(1, args.max_iters - args.warmup_iters)
     return args.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)  # 2) cosine
+
+def training_batch(data, n, block_size, mask_id, generator, causal, proposal='uniform', complementary=False):
+    """The n rows of one optimisation step: (x0, xt, mask, t, weight). A GPT's input is x0
+    shifted (mask, t, weight are None); a diffusion model's is x0 masked at a t from `proposal`."""
+    device = data.device
+    if causal:
+        x0 = get_batch(data, n, block_size, generator)
+        return x0, gpt_input(x0, mask_id), None, None, None
+    if complementary:              # n / 2 windows, each with its twin
+        x0 = get_batch(data, n // 2, block_size, generator)
+        t, w = draw_t(n // 2, generator, device, proposal, hi=1 - EPS)
+        x0, xt, mask, t = complementary_masks(x0, t, mask_id, generator)
+        return x0, xt, mask, t, torch.cat([w, w])   # the twin's t = 1 - t has the same density
+    x0 = get_batch(data, n, block_size, generator)
+    t, w = draw_t(n, generator, device, proposal)
+    xt, mask = forward_mask(x0, t, mask_id, generator)
+    return x0, xt, mask, t, w
+
+def batch_loss(model, x0, xt, mask, t, w):
+    """The loss of one (micro-)batch from training_batch: the GPT's NLL or the NELBO."""
+    logits = model(xt, t)
+    return gpt_loss(logits, x0) if mask is None else nelbo_loss(logits, x0, mask, t, w)
 
 def save_checkpoint(path, ckpt):
     """Write to a temporary file beside `path`, fsync, then rename over it: a crash at any moment
@@ -428,9 +504,9 @@ def resume_config(ckpt, args):
     flags not given again keep their saved values. Returns the config and the flags changed."""
     saved = ckpt['config']
     for name in ARCH_FLAGS:
-        if name in args.explicit and getattr(args, name) != saved[name]:
-            raise CliError(f'cannot resume with --{name.replace("_", "-")} {getattr(args, name)}: '
-                           f'the checkpoint was trained with {saved[name]}')
+        if name in args.explicit and getattr(args, name) != saved.get(name, False):
+            raise CliError(f'cannot resume with {flag(name)} {getattr(args, name)}: '
+                           f'the checkpoint was trained with {saved.get(name, False)}')
     changed = []
     for name in TRAIN_FLAGS:
         saved_value = ckpt['args'].get(name, getattr(args, name))
@@ -496,9 +572,10 @@ def train(args):
     text = load_text(args.data, allow_download=args.data == DEFAULT_DATA)
     tok = Tokenizer(ckpt['vocab']) if ckpt else Tokenizer.from_text(text)
     if not ckpt:
+        refuse_other_kind(ckpt_path, args.causal)
         config = ModelConfig(vocab_size=tok.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                              n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
-                             use_time=args.use_time, rope=args.rope)
+                             use_time=args.use_time, rope=args.rope, causal=args.causal)
     # 2) data: the whole token tensor lives on the device (1.1M chars: a few MB), no loader needed
     train_data, val_data = (d.to(device) for d in split_data(text, tok, config.block_size))
 
@@ -525,9 +602,13 @@ def train(args):
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
         model = DistributedDataParallel(model, device_ids=[device] if device.startswith('cuda') else None)
-    autocast = autocast_for(device, args.dtype)
-    log(f'device {device}{f" x {world}" if world > 1 else ""} | preset {preset} | '
+    autocast, fused = fast_path(device, args.dtype, config.dropout)
+    for block in raw_model.blocks:
+        block.attn.fused = fused
+    log(f'device {device}{f" x {world}" if world > 1 else ""} | preset {preset} | {kind_name(config)} | '
         f'{raw_model.num_params() / 1e6:.2f}M parameters | {asdict(config)}')
+    log(f'fast path: {"bfloat16 autocast" if autocast is not contextlib.nullcontext else "float32"}, '
+        f'{"fused" if fused else "manual"} attention; evaluations in float32')
 
     def check_finite(loss, iteration):
         """A non-finite loss ends the run before anything is saved: the last good checkpoint stays."""
@@ -538,7 +619,8 @@ def train(args):
         if master:
             os.makedirs(args.out_dir, exist_ok=True)
             save_checkpoint(ckpt_path, {
-                'format': 'mdlm-1', 'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+                'format': 'mdlm-1', 'kind': kind_name(config), 'model': raw_model.state_dict(),
+                'optimizer': optimizer.state_dict(),
                 'config': asdict(config), 'vocab': tok.itos, 'iter': iteration, 'best_val': best_val,
                 'args': {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
                 'rng': {'gen': gen.get_state(), 'torch': torch.get_rng_state(),
@@ -556,10 +638,11 @@ def train(args):
             # 5) evaluate and checkpoint (not again at the step a resumed run starts from)
             if (it % args.eval_interval == 0 or it == args.max_iters) and not (ckpt and it == start_it):
                 check_finite(loss, it)
-                train_nelbo, _ = estimate_nelbo(raw_model, train_data, args.eval_iters, B, autocast=autocast)
-                val_nelbo, val_se = estimate_nelbo(raw_model, val_data, args.eval_iters, B, autocast=autocast)
+                train_nelbo, _ = estimate_loss(raw_model, train_data, args.eval_iters, B)
+                val_nelbo, val_se = estimate_loss(raw_model, val_data, args.eval_iters, B)
                 best_val = min(best_val, val_nelbo)
-                log(f'step {it} | train nelbo {train_nelbo:.4f} | val nelbo {val_nelbo:.4f} '
+                name = 'nll' if config.causal else 'nelbo'
+                log(f'step {it} | train {name} {train_nelbo:.4f} | val {name} {val_nelbo:.4f} '
                     f'+- {val_se:.4f} nats/char ({val_nelbo / math.log(2):.4f} bits/char) '
                     f'| {time.time() - t0:.0f}s')
                 if master:
@@ -576,26 +659,28 @@ def train(args):
             lr = get_lr(it, args)
             for group in optimizer.param_groups:
                 group['lr'] = lr
-            x0 = get_batch(train_data, G * world * B, T, gen)                 # (G * world * B, T)
-            t = antithetic_t(G * world * B, gen, device)                      # stratified over all of it
-            xt, mask = forward_mask(x0, t, tok.mask_id, gen)
+            batch = training_batch(train_data, G * world * B, T, tok.mask_id, gen, config.causal,
+                                   args.t_proposal, args.complementary)   # G * world * B rows, t stratified over all
+            loss = 0.0
             for micro in range(G):
                 rows = slice((micro * world + rank) * B, (micro * world + rank + 1) * B)   # this rank's B
                 sync = contextlib.nullcontext() if world == 1 or micro == G - 1 else model.no_sync()
                 with sync, autocast():
-                    loss = nelbo_loss(model(xt[rows], t[rows]), x0[rows], mask[rows], t[rows]) / G
-                loss.backward()
+                    micro_loss = batch_loss(model, *(a if a is None else a[rows] for a in batch)) / G
+                micro_loss.backward()
+                loss = loss + micro_loss.detach()                   # the step's mean over its micro-batches
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             it += 1
             if it % args.log_interval == 0 or it == args.max_iters:   # the only host sync in the loop
                 check_finite(loss, it)
-                lossf = loss.item() * G                                 # this rank's last micro-batch
+                lossf = loss.item()                                     # this rank's step mean
                 dt = (time.time() - t_steps) / (it - it_steps)
                 log(f'step {it} | loss {lossf:.4f} | lr {lr:.1e} | {dt * 1000:.1f}ms | '
                     f'{B * T * G * world / dt:,.0f} tok/s | eta {dt * (args.max_iters - it):.0f}s')
-        log(f'done: best val nelbo {best_val:.4f} nats/char; latest checkpoint in {ckpt_path}')
+        log(f'done: best val {"nll" if config.causal else "nelbo"} {best_val:.4f} nats/char; '
+            f'latest checkpoint in {ckpt_path}')
         return best_val
     except StopRequested:
         check_finite(loss, it)
@@ -702,6 +787,20 @@ def generate_text(model, prefix, length, num_samples, steps, rule, temperature=1
         out, passes = torch.cat([out, x[:, -n_new:]], 1), passes + p
     return out, passes
 
+@torch.no_grad()
+def gpt_generate(model, prefix, length, num_samples, temperature=1.0, top_k=None, generator=None):
+    """The GPT twin's own loop: `length` characters after `prefix` (a list of ids), one forward
+    pass per character, left to right. The window is the start token and the last block_size - 1
+    characters, as in training, so it slides on past the context. Returns (ids, passes)."""
+    T, start = model.config.block_size, model.config.vocab_size - 1
+    device = next(model.parameters()).device
+    out = torch.tensor(prefix, dtype=torch.long, device=device).repeat(num_samples, 1)   # (B, P)
+    for _ in range(length):
+        x = torch.cat([torch.full((num_samples, 1), start, device=device), out[:, -(T - 1):]], 1)
+        tokens, _ = propose(model(x, None)[:, -1], temperature, top_k, generator)   # (B,) the next char
+        out = torch.cat([out, tokens[:, None]], 1)
+    return out, length
+
 BLANK = re.compile(r'\[_+\]')   # a blank: '[', one or more '_', ']'; it stands for as many chars as it is wide
 
 def parse_infill(text, tok):
@@ -743,20 +842,53 @@ def nelbo_per_seq(model, x0, generator):
     return masked_ce(logits, x0, mask).sum(1) / k
 
 @torch.no_grad()
-def estimate_nelbo(model, data, n_batches, batch_size, seed=1234, autocast=contextlib.nullcontext):
-    """Mean NELBO (nats/char) and its standard error over n_batches seeded batches of `data`.
-    The fixed seed means the same windows and masks every call: evals are comparable."""
+def nll_per_seq(model, x0):
+    """The GPT twin's exact negative log-likelihood per sequence (B,), in nats per character."""
+    logits = model(gpt_input(x0, model.config.vocab_size - 1), None)
+    return F.cross_entropy(logits.transpose(1, 2), x0, reduction='none').mean(1)
+
+@torch.no_grad()
+def estimate_loss(model, data, n_batches, batch_size, seed=1234):
+    """Val loss in nats/char and its standard error, over n_batches seeded batches of `data`: the
+    NELBO bound for a diffusion model, the exact NLL for the GPT twin. Always in float32. The
+    windows come from a generator of their own, so both kinds score the same windows, and every
+    call sees the same windows and masks: evals are comparable. The rows of one batch share their
+    stratified draw, so they are not independent; the batches are, and the error comes from them."""
     was_training = model.training
     model.eval()
-    g = torch.Generator(device=data.device).manual_seed(seed)
-    values = []
+    windows = torch.Generator(device=data.device).manual_seed(seed)
+    noise = torch.Generator(device=data.device).manual_seed(seed + 1)
+    means = []
     for _ in range(n_batches):
-        x0 = get_batch(data, batch_size, model.config.block_size, g)
-        with autocast():
-            values.append(nelbo_per_seq(model, x0, g).float())
+        x0 = get_batch(data, batch_size, model.config.block_size, windows)
+        per_seq = nll_per_seq(model, x0) if model.config.causal else nelbo_per_seq(model, x0, noise)
+        means.append(per_seq.float().mean())
     model.train(was_training)
-    v = torch.cat(values)
-    return v.mean().item(), (v.std() / math.sqrt(len(v))).item() if len(v) > 1 else float('nan')
+    m = torch.stack(means)
+    return m.mean().item(), (m.std() / math.sqrt(len(m))).item() if len(m) > 1 else float('nan')
+
+@torch.no_grad()
+def gpt_nll_of_text(model, ids):
+    """-log p of every character of ids (B, N) under a GPT, nats, (B, N): each character predicted
+    from the start token and up to block_size - 1 characters before it (the windows of gpt_generate)."""
+    T, start = model.config.block_size, model.config.vocab_size - 1
+    B, N = ids.shape
+    first = min(N, T)                        # the first T characters: one pass, [start] + ids
+    logits = model(gpt_input(ids[:, :first], start), None)
+    nll = [F.cross_entropy(logits.transpose(1, 2), ids[:, :first], reduction='none')]
+    if N > T:                                # character j >= T: [start] + ids[j-T+1 : j], last position
+        ctx = ids[:, 1:N - 1].unfold(1, T - 1, 1).reshape(-1, T - 1)    # (B * (N - T), T - 1)
+        x = torch.cat([torch.full((len(ctx), 1), start, device=ids.device), ctx], 1)
+        last = torch.cat([model(chunk, None)[:, -1] for chunk in x.split(512)])   # (B * (N - T), V)
+        nll.append(F.cross_entropy(last, ids[:, T:].reshape(-1), reduction='none').view(B, N - T))
+    return torch.cat(nll, 1)
+
+def unigram_entropy_bits(ids):
+    """Entropy in bits of the character frequencies of one text: about 4.4 for a line of
+    Shakespeare, 0 for one character repeated. A sampler that repeats itself scores low here."""
+    p = torch.bincount(ids).float()
+    p = p[p > 0] / len(ids)
+    return -(p * p.log2()).sum().item()
 
 @torch.no_grad()
 def ce_per_noise_level(model, data, ts, n_batches, batch_size, seed=1234):
@@ -800,29 +932,72 @@ def show_frames(tok):
 
 def run_generation(args):
     model, tok, _ = load_for_inference(args)
-    T = model.config.block_size
-    g = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
-    on_step = show_frames(tok) if args.show else None
-    opts = dict(steps=args.steps, rule=args.rule, temperature=args.temperature, top_k=args.top_k,
-                generator=g, on_step=on_step)
+    T, device = model.config.block_size, next(model.parameters()).device
+    if model.config.causal:
+        if args.infill is not None:
+            raise CliError('a GPT cannot fill blanks: it never sees the text to the right of one; '
+                           'use a diffusion model')
+        given = [flag(k) for k in ('steps', 'rule', 'show') if k in args.explicit]
+        if given:
+            raise CliError(f'{given[0]} means nothing for a GPT (it writes left to right, one character a pass)')
+    if args.judge is not None and args.infill is not None:
+        raise CliError('--judge scores --sample and --complete, not --infill')
+    judge = load_judge(args.judge, tok, device) if args.judge is not None else None
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    opts = dict(steps=args.steps or 64, rule=args.rule or RULES[0], temperature=args.temperature,
+                top_k=args.top_k, generator=g, on_step=show_frames(tok) if args.show else None)
     if args.infill is not None:
         ids = parse_infill(args.infill, tok)
         if len(ids) > T:
             raise CliError(f'the text is {len(ids)} characters with its blanks; this model reads at most {T}')
-        x = torch.tensor(ids, device=g.device).repeat(args.num_samples, 1)
+        x = torch.tensor(ids, device=device).repeat(args.num_samples, 1)
         out, _ = generate(model, x, **opts)
     else:
         prompt = args.complete if args.complete is not None else ''
         if args.complete is not None and not prompt:
             raise CliError('the prompt is empty: give some text to continue, or use --sample')
         ids = tok.encode(prompt)
-        if len(ids) >= T:
-            raise CliError(f'the prompt is {len(ids)} characters; it must leave room in the '
-                           f'model\'s context of {T}: use at most {T - 1}')
-        out, _ = generate_text(model, ids, args.length or T, args.num_samples, **opts)
+        if model.config.causal:          # a GPT slides over any prompt
+            out, _ = gpt_generate(model, ids, args.length or T, args.num_samples, args.temperature, args.top_k, g)
+        else:
+            if len(ids) >= T:
+                raise CliError(f'the prompt is {len(ids)} characters; it must leave room in the '
+                               f'model\'s context of {T}: use at most {T - 1}')
+            out, _ = generate_text(model, ids, args.length or T, args.num_samples, **opts)
     texts = [tok.decode(row.tolist()) for row in out]
     sys.stdout.write(('\n' + '=' * 40 + '\n').join(texts) + '\n')
+    if judge is not None:
+        print(judge_report(judge, tok, out, len(ids), args), file=sys.stderr)
     return 0
+
+def load_judge(out_dir, tok, device):
+    """--judge DIR: the GPT checkpoint that scores samples; it must read the same characters."""
+    judge, judge_tok = model_from_checkpoint(load_checkpoint(os.path.join(out_dir, 'ckpt.pt')), device)
+    if not judge.config.causal:
+        raise CliError(f'{out_dir}/ckpt.pt is a diffusion model; a judge must be a GPT '
+                       f'(train one with: python mdlm.py --train --gpt)')
+    if judge_tok.itos != tok.itos:
+        raise CliError(f'the judge in {out_dir} was trained on another vocabulary than the model')
+    return judge
+
+def judge_report(judge, tok, out, n_prompt, args):
+    """Generative perplexity, as MDLM and SEDD report it, in bits/char: how likely the judge (a GPT)
+    finds the generated characters, each predicted from what stands before it. Low is plausible;
+    but text that repeats itself also scores low, so the samples' unigram entropy stands beside
+    it, and both figures for as many real val texts of the same length."""
+    text = load_text(args.data, allow_download=args.data == DEFAULT_DATA)
+    _, val_data = split_data(text, tok, out.size(1))
+    g = torch.Generator().manual_seed(args.seed)
+    real = get_batch(val_data, out.size(0), out.size(1), g).to(out.device)   # (B, P + L) real text
+    figures = []
+    for rows in (out, real):
+        nll = gpt_nll_of_text(judge, rows)[:, n_prompt:]              # (B, L): the generated part only
+        entropy = sum(unigram_entropy_bits(r) for r in rows[:, n_prompt:]) / len(rows)
+        figures.append((nll.mean().item() / math.log(2), entropy))
+    (b, e), (rb, re_) = figures
+    return (f'judge {args.judge}: samples {b:.3f} bits/char, unigram entropy {e:.2f} bits | '
+            f'real val text {rb:.3f} bits/char, entropy {re_:.2f} bits '
+            f'({out.size(0)} x {out.size(1) - n_prompt} chars each)')
 
 def run_eval(args):
     model, tok, ckpt = load_for_inference(args)
@@ -830,19 +1005,42 @@ def run_eval(args):
     text = load_text(args.data, allow_download=args.data == DEFAULT_DATA)
     train_data, val_data = (d.to(device) for d in split_data(text, tok, model.config.block_size))
     n, B = args.eval_iters or 20, args.batch_size or 64
-    autocast = autocast_for(str(device), args.dtype)
     for name, data in (('val', val_data), ('train', train_data)):
-        mean, se = estimate_nelbo(model, data, n, B, seed=args.seed, autocast=autocast)
-        print(f'{name} nelbo: {mean:.4f} nats/char ({mean / math.log(2):.4f} bits/char) '
-              f'+- {se:.4f} (standard error, {n * B} windows of {model.config.block_size})')
+        mean, se = estimate_loss(model, data, n, B, seed=args.seed)
+        what = ('nll', f'perplexity {math.exp(mean):.3f} (exact: a GPT\'s likelihood)') if model.config.causal \
+            else ('nelbo', f'perplexity <= {math.exp(mean):.3f} (an upper bound: the NELBO bounds -log p)')
+        print(f'{name} {what[0]}: {mean:.4f} nats/char ({mean / math.log(2):.4f} bits/char) '
+              f'+- {se:.4f} (standard error, {n} batches of {B} windows of {model.config.block_size}); {what[1]}')
+    if model.config.causal:
+        return 0
     ts = [round(0.1 * i, 1) for i in range(1, 11)]
     ces = ce_per_noise_level(model, val_data, ts, max(1, n // 4), B, seed=args.seed)
     print('masked cross-entropy per noise level (val, nats per masked char):')
     for t, ce in zip(ts, ces):
         print(f'  t={t:.1f}  {ce:.4f}  {"#" * round(ce * 10)}')
     naive = ces[0:9:2]                                   # t = 0.1, 0.3, 0.5, 0.7, 0.9 from the table above
-    print(f'the lesson plan\'s five-t average: {sum(naive) / 5:.4f} nats '
-          f'(NOT a bound, not comparable with a GPT\'s loss)')
+    print(f'naive average of the masked cross-entropy at t = 0.1, 0.3, ..., 0.9: {sum(naive) / 5:.4f} nats '
+          f'(neither a bound nor a perplexity: not comparable with a GPT\'s loss)')
+    return 0
+
+@torch.no_grad()
+def run_score(args):
+    """--score FILE: bits/char of a text, in windows of block_size scored one by one (as --eval
+    scores val): the exact NLL under a GPT, the NELBO bound under a diffusion model."""
+    model, tok, _ = load_for_inference(args)
+    device = next(model.parameters()).device
+    ids = torch.tensor(tok.encode(load_text(args.score)), device=device)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    total = 0.0
+    for window in ids.split(model.config.block_size):
+        x0 = window[None]                                                      # (1, L)
+        if model.config.causal:
+            total += nll_per_seq(model, x0).item() * len(window)
+        else:   # 128 exact-k draws, k stratified over 1..L: the bound of this window, per char
+            total += nelbo_per_seq(model, x0.repeat(128, 1), g).mean().item() * len(window)
+    bits = total / len(ids) / math.log(2)
+    what = 'exact, a GPT' if model.config.causal else 'an upper bound, a diffusion model'
+    print(f'{args.score}: {bits:.4f} bits/char ({len(ids)} chars; {what})')
     return 0
 
 def run_plot(args):
@@ -886,10 +1084,10 @@ def ascii_chart(steps, curves, height=12, width=60):
     for mark, v in (('t', curves['train_nelbo']), ('v', curves['val_nelbo'])):
         for c, i in enumerate(idx):
             r = round((hi - v[i]) / max(hi - lo, 1e-9) * (height - 1))
-            grid[r][c] = mark
+            grid[r][c] = '*' if grid[r][c] not in (' ', mark) else mark
     lines = [f'{hi - r * (hi - lo) / (height - 1):7.3f} |' + ''.join(row) for r, row in enumerate(grid)]
     lines.append(' ' * 8 + '+' + '-' * cols)
-    lines.append(f'{"":8} step {steps[0]} .. {steps[-1]}   (t: train nelbo, v: val nelbo, nats/char)')
+    lines.append(f'{"":8} step {steps[0]} .. {steps[-1]}   (t: train, v: val, *: both; nats/char)')
     return '\n'.join(lines)
 
 def run_bench(args):
@@ -904,7 +1102,7 @@ def run_bench(args):
     torch.manual_seed(args.seed)
     model = MDLM(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.startswith('cuda'))
-    autocast = autocast_for(device, args.dtype)
+    autocast, default_fused = fast_path(device, args.dtype)
     B, T = args.batch_size, config.block_size
     g = torch.Generator(device=device).manual_seed(args.seed)
     x0 = torch.randint(65, (B, T), device=device, generator=g)
@@ -913,7 +1111,7 @@ def run_bench(args):
     def step(fused):
         for block in model.blocks:
             block.attn.fused = fused
-        t = antithetic_t(B, g, device)
+        t, _ = draw_t(B, g, device)
         xt, mask = forward_mask(x0, t, 65, g)
         with autocast():
             loss = nelbo_loss(model(xt, t), x0, mask, t)
@@ -921,14 +1119,14 @@ def run_bench(args):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    # the same blocks as a GPT: causal attention, no time, next-token loss, nothing to mask
-    gpt = MDLM(ModelConfig(**{**asdict(config), 'use_time': False})).to(device)
+    # the GPT twin: causal attention, no time, next-character loss, nothing to mask
+    gpt = MDLM(ModelConfig(**{**asdict(config), 'use_time': False, 'causal': True})).to(device)
     for block in gpt.blocks:
-        block.attn.causal = True
+        block.attn.fused = default_fused
     gpt_opt = torch.optim.AdamW(gpt.parameters(), lr=1e-4, fused=device.startswith('cuda'))
     def gpt_step():
         with autocast():
-            loss = F.cross_entropy(gpt(x0, None)[:, :-1].transpose(1, 2), x0[:, 1:])
+            loss = gpt_loss(gpt(gpt_input(x0, 65), None), x0)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(gpt.parameters(), 1.0)
         gpt_opt.step()
@@ -955,18 +1153,25 @@ def run_bench(args):
             line += f', MFU {flops * B * T / dt / 989e12 * 100:.1f}% (of 989 TFLOP/s)'
         print(line)
     fused, manual, gpt_dt = best.values()
-    print(f'fused attention speed-up: {manual / fused:.2f}x; diffusion step / GPT step: {fused / gpt_dt:.2f}x')
+    print(f'fused attention speed-up: {manual / fused:.2f}x; diffusion step / GPT step '
+          f'(training\'s {"fused" if default_fused else "manual"} attention): '
+          f'{(fused if default_fused else manual) / gpt_dt:.2f}x')
     model.eval()
+    gpt.eval()
     for block in model.blocks:
         block.attn.fused = True
-    L, S = args.length or T, args.steps
-    for rule in RULES:
+    L, S = args.length or T, args.steps or 64
+    samplers = {rule: (lambda rule=rule: generate_text(model, [], L, args.num_samples, S, rule, generator=g))
+                for rule in RULES}
+    samplers['gpt'] = lambda: gpt_generate(gpt, [], L, args.num_samples, generator=g)
+    for name, fn in samplers.items():
         sync()
         t0 = time.time()
-        _, passes = generate_text(model, [], L, args.num_samples, S, rule, generator=g)
+        _, passes = fn()
         sync()
         dt = time.time() - t0
-        print(f'sample ({rule}): {args.num_samples} x {L} chars at {S} steps: '
+        what = f'{name} rule at {S} steps' if name in RULES else 'the GPT twin, one pass a character'
+        print(f'sample ({what}): {args.num_samples} x {L} chars: '
               f'{args.num_samples * L / dt:,.0f} chars/s, {passes} forward passes')
     return 0
 
@@ -988,13 +1193,39 @@ def pick_device(requested=None):
         return 'mps'
     return 'cpu'
 
-def autocast_for(device, dtype):
-    """bf16 autocast where asked (default: on CUDA when the GPU supports it), else nothing."""
+def cpu_has_bf16():
+    """True where the CPU computes bfloat16 natively (x86 avx512_bf16 or AMX). Elsewhere bf16
+    autocast is emulated and measured 17x slower than float32, so it must never be the default."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            flags = f.read()
+    except OSError:          # not Linux (macOS, Windows): no claim, float32
+        return False
+    return bool(re.search(r'\b(avx512_bf16|amx_bf16)\b', flags))
+
+def fast_path(device, dtype, dropout=0.0):
+    """The fastest correct way to train on `device`: (autocast context, fused attention?).
+    bf16 autocast on a GPU that supports it and on a CPU with native bf16; float32 elsewhere.
+    On a CPU the plain attention formula beats the fused kernel (it has no dropout: fused then)."""
+    kind = device.split(':')[0]
     if dtype == 'auto':
-        dtype = 'bfloat16' if device.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32'
-    if dtype == 'bfloat16':
-        return lambda: torch.autocast(device_type=device.split(':')[0], dtype=torch.bfloat16)
-    return contextlib.nullcontext
+        bf16 = torch.cuda.is_bf16_supported() if kind == 'cuda' else kind == 'cpu' and cpu_has_bf16()
+        dtype = 'bfloat16' if bf16 else 'float32'
+    autocast = (lambda: torch.autocast(device_type=kind, dtype=torch.bfloat16)) if dtype == 'bfloat16' \
+        else contextlib.nullcontext
+    return autocast, not (kind == 'cpu' and dropout == 0)
+
+def kind_name(config):
+    return 'gpt' if config.causal else 'diffusion'
+
+def refuse_other_kind(ckpt_path, causal):
+    """Training a GPT must never replace the diffusion model in the same directory, nor the reverse."""
+    if os.path.exists(ckpt_path):
+        other = load_checkpoint(ckpt_path)
+        if other['config'].get('causal', False) != causal:
+            raise CliError(f'{ckpt_path} holds a {"diffusion" if causal else "gpt"} model; '
+                           f'training a {"gpt" if causal else "diffusion"} model would replace it: '
+                           f'choose another --out-dir')
 
 def int_in(lo, hi=None):
     """An argparse type: an integer in [lo, hi] (no upper end when hi is None)."""
@@ -1027,9 +1258,15 @@ def probability(s):
         raise argparse.ArgumentTypeError(f'must be in [0, 1), got {s}')
     return v
 
-ARCH_FLAGS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'use_time', 'rope')   # fixed by a checkpoint
+ARCH_FLAGS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'use_time', 'rope', 'causal')   # fixed by a checkpoint
 TRAIN_FLAGS = ('batch_size', 'max_iters', 'lr', 'min_lr', 'warmup_iters', 'weight_decay', 'grad_accum',
-               'eval_interval', 'eval_iters', 'log_interval')                  # may change on --resume
+               'eval_interval', 'eval_iters', 'log_interval', 'schedule', 't_proposal',
+               'complementary')                                                # may change on --resume
+FLAG_NAMES = {'causal': 'gpt', 'use_time': 'time'}    # dest -> the flag a user types
+DIFFUSION_ONLY = ('use_time', 't_proposal', 'complementary', 'steps', 'rule', 'show')   # meaningless for a GPT
+
+def flag(name):
+    return '--' + FLAG_NAMES.get(name, name).replace('_', '-')
 
 def build_parser():
     class Help(argparse.ArgumentDefaultsHelpFormatter):   # show a default only where there is one
@@ -1037,11 +1274,12 @@ def build_parser():
             return action.help if action.default in (None, False) else super()._get_help_string(action)
     p = argparse.ArgumentParser(description='A masked diffusion language model, in one file.', formatter_class=Help)
     mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument('--train', action='store_true', help='train (or --resume) a model')
+    mode.add_argument('--train', action='store_true', help='train (or --resume) a model (--gpt: the GPT twin)')
     mode.add_argument('--sample', action='store_true', help='generate text from pure noise')
     mode.add_argument('--complete', metavar='PROMPT', help='continue a prompt')
     mode.add_argument('--infill', metavar='TEXT', help='fill the blanks [___] of a text')
-    mode.add_argument('--eval', action='store_true', help='the NELBO bound on the val split')
+    mode.add_argument('--eval', action='store_true', help='the NELBO bound (a GPT: its exact NLL) on the val split')
+    mode.add_argument('--score', metavar='FILE', help='bits/char of the text in FILE under the model')
     mode.add_argument('--show-noise', metavar='TEXT', help='print the forward process on TEXT')
     mode.add_argument('--plot', action='store_true', help='plot <out-dir>/log.csv')
     mode.add_argument('--bench', action='store_true', help='measure training and sampling speed')
@@ -1057,6 +1295,8 @@ def build_parser():
                    help='condition on t through adaLN (default: on; --no-time: the model sees only the masks)')
     m.add_argument('--rope', action=argparse.BooleanOptionalAction, default=None,
                    help='rotary positions (default: on; --no-rope: learned absolute positions)')
+    m.add_argument('--gpt', dest='causal', action='store_true', default=None,
+                   help='with --train: the GPT twin (causal attention, next-character loss; into out-gpt/)')
     t = p.add_argument_group('training')
     t.add_argument('--batch-size', type=positive_int)
     t.add_argument('--max-iters', type=nonneg_int)
@@ -1068,19 +1308,26 @@ def build_parser():
     t.add_argument('--warmup-iters', type=nonneg_int)
     t.add_argument('--weight-decay', type=nonneg_float, help='AdamW, on matrices only (default 0.1)')
     t.add_argument('--grad-accum', type=positive_int, help='micro-batches per step (default 1)')
+    t.add_argument('--schedule', choices=['cosine', 'wsd'], help='lr after warmup (default cosine; '
+                   'wsd: stable, then linear decay over the last 20%%)')
+    t.add_argument('--t-proposal', choices=T_PROPOSALS, help='the density training draws t from, '
+                   'importance-weighted so the loss stays the NELBO (default uniform)')
+    t.add_argument('--complementary', action=argparse.BooleanOptionalAction, default=None,
+                   help='each window twice, with complementary masks (default off)')
     t.add_argument('--resume', action='store_true', help='continue from <out-dir>/ckpt.pt')
     t.add_argument('--compile', action='store_true', help='torch.compile the model')
     g = p.add_argument_group('generation')
-    g.add_argument('--steps', type=positive_int, default=64, help='denoising steps per block')
-    g.add_argument('--rule', choices=RULES, default='ancestral', help='which proposals to commit (see README)')
+    g.add_argument('--steps', type=positive_int, help='denoising steps per block (default 64)')
+    g.add_argument('--rule', choices=RULES, help=f'which proposals to commit (default {RULES[0]}; see README)')
     g.add_argument('--temperature', type=nonneg_float, default=1.0, help='0: argmax')
     g.add_argument('--top-k', type=positive_int)
     g.add_argument('--num-samples', type=positive_int, default=1)
     g.add_argument('--length', type=positive_int, help='characters to generate (default: block_size)')
-    g.add_argument('--show', action='store_true', help='watch the denoising, step by step')
+    g.add_argument('--show', action='store_true', default=None, help='watch the denoising, step by step')
+    g.add_argument('--judge', metavar='DIR', help='score the samples with the GPT checkpoint in DIR')
     c = p.add_argument_group('common')
     c.add_argument('--data', default=DEFAULT_DATA, help='UTF-8 text (Tiny Shakespeare downloaded if absent)')
-    c.add_argument('--out-dir', default='out')
+    c.add_argument('--out-dir', help='where the checkpoint lives (default out/; out-gpt/ for --train --gpt)')
     c.add_argument('--device', help='cuda, mps or cpu (default: the best available)')
     c.add_argument('--dtype', choices=['auto', 'float32', 'bfloat16'], default='auto')
     c.add_argument('--seed', type=seed_int, default=1337)
@@ -1092,7 +1339,12 @@ def resolve(args, device):
     for k, v in PRESETS[preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    for k, v in dict(use_time=True, rope=True, weight_decay=0.1, grad_accum=1).items():
+    if args.causal:
+        given = [flag(k) for k in DIFFUSION_ONLY if k in args.explicit]
+        if given:
+            raise CliError(f'{given[0]} means nothing for a GPT (it has no noise level and writes left to right)')
+    for k, v in dict(causal=False, use_time=not args.causal, rope=True, weight_decay=0.1, grad_accum=1,
+                     schedule='cosine', t_proposal='uniform', complementary=False).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.n_embd % args.n_head or (args.n_embd // args.n_head) % 2:
@@ -1115,6 +1367,10 @@ def main(argv=None):
         if args.plot:
             return run_plot(args)
         args.explicit = {k for k, v in vars(args).items() if v is not None}
+        if args.out_dir is None:
+            args.out_dir = 'out-gpt' if args.train and args.causal else 'out'
+        if args.causal and not args.train:
+            raise CliError('--gpt is for --train; every other mode reads the kind from the checkpoint')
         if args.train:
             train(args)
             return 0
@@ -1122,6 +1378,8 @@ def main(argv=None):
             return run_bench(args)
         if args.eval:
             return run_eval(args)
+        if args.score is not None:
+            return run_score(args)
         return run_generation(args)
     except CliError as e:
         print(f'error: {e}', file=sys.stderr)

@@ -204,11 +204,12 @@ def test_learned_positions_variant_runs():
 
 def test_antithetic_t_is_stratified_in_range():
     B = 16
-    t = mdlm.antithetic_t(B, torch.Generator().manual_seed(3), 'cpu')
+    t, w = mdlm.draw_t(B, torch.Generator().manual_seed(3), 'cpu')
+    assert (w == 1).all(), 'uniform t: every weight is 1'
     assert ((t >= mdlm.EPS) & (t <= 1)).all()
     bins = ((t - mdlm.EPS) / (1 - mdlm.EPS) * B).floor().long()
     assert sorted(bins.tolist()) == list(range(B)), 'one t in each of B equal strata'
-    many = torch.cat([mdlm.antithetic_t(B, torch.Generator().manual_seed(s), 'cpu') for s in range(500)])
+    many = torch.cat([mdlm.draw_t(B, torch.Generator().manual_seed(s), 'cpu')[0] for s in range(500)])
     assert abs(many.mean().item() - (1 + mdlm.EPS) / 2) < 0.01, 'still uniform on [eps, 1]'
 
 def test_untrained_loss_is_about_log_65(text, tok):
@@ -217,14 +218,14 @@ def test_untrained_loss_is_about_log_65(text, tok):
     model = tiny_model()
     g = torch.Generator().manual_seed(0)
     x0 = mdlm.get_batch(data, 512, 32, g)    # the 1/t weight makes one small batch's NELBO noisy
-    t = mdlm.antithetic_t(512, g, 'cpu')
+    t = mdlm.draw_t(512, g, 'cpu')[0]
     xt, mask = mdlm.forward_mask(x0, t, 65, g)
     with torch.no_grad():
         nelbo = mdlm.nelbo_loss(model(xt, t), x0, mask, t).item()
         naive = mdlm.naive_loss(model, x0, g).item()
     assert abs(naive - math.log(65)) < 0.1, naive
     assert abs(nelbo - math.log(65)) < 0.15, nelbo
-    est, _ = mdlm.estimate_nelbo(model, data, 4, 32)
+    est, _ = mdlm.estimate_loss(model, data, 4, 32)
     assert abs(est - math.log(65)) < 0.1, est
 
 def test_nelbo_weights_by_one_over_t_and_length():
@@ -240,7 +241,7 @@ def test_loss_falls_when_overfitting_one_batch(text, tok):
     model = tiny_model().train()
     g = torch.Generator().manual_seed(0)
     x0 = mdlm.get_batch(data, 8, 32, g)
-    t = mdlm.antithetic_t(8, g, 'cpu')
+    t = mdlm.draw_t(8, g, 'cpu')[0]
     xt, mask = mdlm.forward_mask(x0, t, 65, g)             # one fixed batch, one fixed noise draw
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
@@ -254,13 +255,21 @@ def test_loss_falls_when_overfitting_one_batch(text, tok):
 
 def test_get_lr_warmup_then_cosine():
     class A:
-        lr, min_lr, warmup_iters, max_iters = 1e-3, 1e-4, 10, 110
+        lr, min_lr, warmup_iters, max_iters, schedule = 1e-3, 1e-4, 10, 110, 'cosine'
     assert mdlm.get_lr(0, A) == pytest.approx(1e-4)
     assert mdlm.get_lr(9, A) == pytest.approx(1e-3)
     assert mdlm.get_lr(60, A) == pytest.approx(5.5e-4)
     assert mdlm.get_lr(110, A) == pytest.approx(1e-4)
     lrs = [mdlm.get_lr(i, A) for i in range(10, 111)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+def test_get_lr_warmup_stable_decay():
+    class A:
+        lr, min_lr, warmup_iters, max_iters, schedule = 1e-3, 1e-4, 10, 100, 'wsd'
+    assert mdlm.get_lr(0, A) == pytest.approx(1e-4)
+    assert all(mdlm.get_lr(i, A) == pytest.approx(1e-3) for i in range(9, 81)), 'stable until 80%'
+    assert mdlm.get_lr(90, A) == pytest.approx(5.5e-4), 'linear decay over the last 20%'
+    assert mdlm.get_lr(100, A) == pytest.approx(1e-4)
 
 # -----------------------------------------------------------------------------
 # training, checkpoints, resume
@@ -594,7 +603,7 @@ def test_unigram_model_nelbo_is_the_unigram_entropy(text, tok):
     data = torch.tensor(tok.encode(text[:200000]))
     model = UnigramModel(data, 66)
     entropy = -(model.p * torch.log(model.p.clamp(min=1e-30))).sum().item()
-    mean, se = mdlm.estimate_nelbo(model, data, 40, 64)
+    mean, se = mdlm.estimate_loss(model, data, 40, 64)
     assert abs(mean - entropy) < 4 * se + 0.01, (mean, entropy, se)
 
 def test_exact_k_estimator_matches_the_continuous_nelbo():
@@ -619,8 +628,8 @@ def test_exact_k_estimator_matches_the_continuous_nelbo():
 def test_standard_error_shrinks_with_more_samples(text, tok):
     data = torch.tensor(tok.encode(text[:100000]))
     model = tiny_model()
-    _, se_small = mdlm.estimate_nelbo(model, data, 2, 32)
-    _, se_large = mdlm.estimate_nelbo(model, data, 32, 32)
+    _, se_small = mdlm.estimate_loss(model, data, 2, 32)
+    _, se_large = mdlm.estimate_loss(model, data, 32, 32)
     assert se_large < 0.5 * se_small, (se_small, se_large)
 
 def test_eval_is_deterministic_and_labels_the_naive_average(trained):
@@ -629,7 +638,7 @@ def test_eval_is_deterministic_and_labels_the_naive_average(trained):
     assert runs[0].stdout == runs[1].stdout
     out = runs[0].stdout
     assert 'val nelbo:' in out and 'bits/char' in out and 'train nelbo:' in out
-    assert 't=0.1' in out and 't=1.0' in out and 'NOT a bound' in out
+    assert 't=0.1' in out and 't=1.0' in out and 'neither a bound nor a perplexity' in out
 
 def test_eval_on_other_text_needs_the_vocabulary(trained, tmp_path, capsys):
     path = tmp_path / 'other.txt'
@@ -642,7 +651,7 @@ def test_plot_without_matplotlib_draws_in_the_terminal(trained, capsys, monkeypa
     assert mdlm.main(['--plot', '--out-dir', trained]) == 0
     out = capsys.readouterr().out
     chart = [line.split('|', 1)[1] for line in out.splitlines() if line.count('|') == 1 and line.strip()[0].isdigit()]
-    assert len(chart) == 12 and any('t' in row for row in chart) and any('v' in row for row in chart), out
+    assert len(chart) == 12 and any(c in row for row in chart for c in 't*') and any(c in row for row in chart for c in 'v*'), out
 
 # -----------------------------------------------------------------------------
 # devices, precision, bench
@@ -658,15 +667,27 @@ def test_pick_device_prefers_the_request_and_refuses_what_is_missing():
             mdlm.pick_device('cuda')
     with pytest.raises(mdlm.CliError, match='unknown --device'):
         mdlm.pick_device('tpu')
-    assert mdlm.autocast_for('cpu', 'auto') is __import__('contextlib').nullcontext, 'fp32 on CPU by default'
+
+def test_fast_path_picks_bf16_only_where_the_cpu_has_it(monkeypatch):
+    """bf16 autocast is emulated (17x slower) on a CPU without native bf16: never the default there."""
+    null = __import__('contextlib').nullcontext
+    monkeypatch.setattr(mdlm, 'cpu_has_bf16', lambda: False)
+    assert mdlm.fast_path('cpu', 'auto') == (null, False), 'float32, manual attention'
+    assert mdlm.fast_path('cpu', 'auto', dropout=0.1)[1] is True, 'the manual formula has no dropout'
+    monkeypatch.setattr(mdlm, 'cpu_has_bf16', lambda: True)
+    autocast, fused = mdlm.fast_path('cpu', 'auto')
+    assert autocast is not null and not fused
+    with autocast():
+        assert torch.ones(2, 2) @ torch.ones(2, 2) is not None and torch.get_autocast_dtype('cpu') == torch.bfloat16
+    assert mdlm.fast_path('cpu', 'float32')[0] is null, '--dtype float32 wins'
 
 def test_bf16_autocast_training_step_and_sampling_on_cpu(text, tok):
     data = torch.tensor(tok.encode(text[:10000]))
     model = tiny_model().train()
-    autocast = mdlm.autocast_for('cpu', 'bfloat16')
+    autocast, _ = mdlm.fast_path('cpu', 'bfloat16')
     g = torch.Generator().manual_seed(0)
     x0 = mdlm.get_batch(data, 4, 32, g)
-    t = mdlm.antithetic_t(4, g, 'cpu')
+    t = mdlm.draw_t(4, g, 'cpu')[0]
     xt, mask = mdlm.forward_mask(x0, t, 65, g)
     with autocast():
         loss = mdlm.nelbo_loss(model(xt, t), x0, mask, t)
@@ -682,7 +703,7 @@ def test_bench_prints_figures(capsys):
                       '--block-size', '16', '--batch-size', '4', '--steps', '4', '--device', 'cpu']) == 0
     out = capsys.readouterr().out
     assert 'tok/s' in out and 'speed-up' in out and 'GPT of the same shape' in out
-    assert all(f'sample ({r})' in out for r in mdlm.RULES)
+    assert all(f'sample ({r} rule' in out for r in mdlm.RULES) and 'sample (the GPT twin' in out
 
 def test_importing_runs_nothing():
     before = sorted(os.listdir(HERE))
@@ -694,7 +715,7 @@ def test_ddp_two_processes_match_one_process_with_twice_the_batch(tmp_path):
     """torchrun with the gloo backend on CPU: 2 ranks x batch 4 give the weights of 1 process x batch 8."""
     common = ['--train', '--max-iters', '6', '--eval-interval', '6', '--log-interval', '3', '--eval-iters', '1',
               '--n-layer', '2', '--n-head', '2', '--n-embd', '32', '--block-size', '32', '--device', 'cpu',
-              '--data', DATA]
+              '--dtype', 'float32', '--data', DATA]
     env = dict(os.environ, OMP_NUM_THREADS='1')
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                         os.path.join(HERE, 'mdlm.py'), *common, '--batch-size', '4', '--out-dir', str(tmp_path / 'ddp')],
@@ -709,7 +730,7 @@ def test_ddp_two_processes_match_one_process_with_twice_the_batch(tmp_path):
 
 def test_grad_accum_matches_a_larger_batch(tmp_path):
     common = ['--train', '--max-iters', '4', '--eval-interval', '4', '--log-interval', '2', '--eval-iters', '1',
-              *TINY[:-4], '--device', 'cpu', '--data', DATA]
+              *TINY[:-4], '--device', 'cpu', '--dtype', 'float32', '--data', DATA]
     assert mdlm.main([*common, '--batch-size', '8', '--out-dir', str(tmp_path / 'big')]) == 0
     assert mdlm.main([*common, '--batch-size', '4', '--grad-accum', '2', '--out-dir', str(tmp_path / 'acc')]) == 0
     a = torch.load(tmp_path / 'big' / 'ckpt.pt', weights_only=True)['model']
