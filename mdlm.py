@@ -557,7 +557,24 @@ def any_rank(flag, device, world):
     dist.all_reduce(f, op=dist.ReduceOp.MAX)
     return f.item() > 0
 
+def compiled_or_eager(model, batch_size, config, device, log):
+    """torch.compile, tried at once on one forward and backward of the training shape (so its
+    compile time falls inside the run's wall time); if it cannot compile, one line and eager."""
+    try:
+        compiled = torch.compile(model)
+        xt = torch.full((batch_size, config.block_size), config.vocab_size - 1, device=device)
+        t = None if config.causal else torch.full((batch_size,), 0.5, device=device)
+        compiled(xt, t)[..., :-1].sum().backward()
+        model.zero_grad(set_to_none=True)
+        return compiled
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
+        log(f'--compile: could not compile ({reason}); training without it')
+        model.zero_grad(set_to_none=True)
+        return model
+
 def train(args):
+    t0 = time.time()                 # the run's wall clock: start-up, compile and evals included
     rank, world, device = ddp_setup(args.device)
     master = rank == 0
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if master else (lambda *a: None)
@@ -598,7 +615,7 @@ def train(args):
         torch.backends.cudnn.allow_tf32 = True
     raw_model = model                # what gets saved: never the compiled or DDP-wrapped one
     if args.compile:
-        model = torch.compile(model)
+        model = compiled_or_eager(model, args.batch_size, config, device, log)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
         model = DistributedDataParallel(model, device_ids=[device] if device.startswith('cuda') else None)
@@ -631,8 +648,8 @@ def train(args):
     old_handlers = {s: signal.signal(s, lambda signum, frame: stop.append(signum))
                     for s in (signal.SIGINT, signal.SIGTERM)}
     B, T, G = args.batch_size, config.block_size, args.grad_accum
-    t0, start_it, loss = time.time(), it, None
-    t_steps, it_steps = t0, it     # step timing restarts after each eval, so ms/step is training alone
+    start_it, loss = it, None
+    t_steps, it_steps = time.time(), it     # step timing restarts after each eval: ms/step is training alone
     try:
         while True:
             # 5) evaluate and checkpoint (not again at the step a resumed run starts from)

@@ -760,3 +760,281 @@ def test_more_one_line_errors(trained, tmp_path, capsys):
     assert 'unknown --device' in capsys.readouterr().err
     with pytest.raises(SystemExit):
         mdlm.main(['--sample', '--seed', str(2 ** 70)])
+
+# -----------------------------------------------------------------------------
+# the GPT twin and the judge
+
+@pytest.fixture(scope='module')
+def trained_gpt(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('trained_gpt'))
+    assert mdlm.main(['--train', '--gpt', '--max-iters', '40', '--eval-interval', '20', '--log-interval', '20',
+                      '--out-dir', out, *TINY]) == 0
+    return out
+
+def tiny_gpt(seed=0, block_size=32):
+    torch.manual_seed(seed)
+    cfg = mdlm.ModelConfig(vocab_size=66, block_size=block_size, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
+                           use_time=False, causal=True)
+    return mdlm.MDLM(cfg).eval()
+
+@pytest.mark.parametrize('fused', [True, False])
+def test_gpt_is_causal_and_diffusion_is_not(fused):
+    gpt, diffusion = tiny_gpt(), tiny_model()
+    x = torch.randint(65, (2, 32), generator=torch.Generator().manual_seed(0))
+    y = x.clone()
+    y[:, 20] = (y[:, 20] + 1) % 65                       # change one later character
+    for model in (gpt, diffusion):
+        for block in model.blocks:
+            block.attn.fused = fused
+    with torch.no_grad():
+        a, b = gpt(x, None), gpt(y, None)
+        assert torch.allclose(a[:, :20], b[:, :20], atol=1e-6), 'a GPT never looks right'
+        assert not torch.allclose(a[:, 20:], b[:, 20:], atol=1e-4)
+        t = torch.full((2,), 0.5)
+        c, d = diffusion(x, t), diffusion(y, t)
+        assert not torch.allclose(c[:, :20], d[:, :20], atol=1e-4), 'a diffusion LM looks both ways'
+
+def test_causal_manual_attention_matches_the_fused_kernel():
+    q, k, v = torch.randn(3, 2, 2, 16, 8).unbind(0)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert torch.allclose(mdlm.manual_attention(q, k, v, causal=True), ref, atol=1e-5)
+
+def test_untrained_gpt_loss_is_about_log_65(text, tok):
+    """The GPT predicts over the 65 characters (the start token's logit is -inf, like [MASK]'s)."""
+    data = torch.tensor(tok.encode(text[:100000]))
+    mean, se = mdlm.estimate_loss(tiny_gpt(), data, 4, 32)
+    assert abs(mean - math.log(65)) < 0.05, mean
+    assert (mdlm.nll_per_seq(tiny_gpt(), data[:32][None]) > 0).all()
+
+def test_gpt_nll_is_the_sum_of_next_character_log_probabilities():
+    """By hand: p(x) = p(x_0 | start) p(x_1 | start x_0) ..., each from its own forward pass."""
+    gpt = tiny_gpt(seed=3)
+    x0 = torch.tensor([[5, 17, 40, 3, 9, 60, 2]])
+    total = 0.0
+    with torch.no_grad():
+        for i in range(x0.size(1)):
+            context = torch.cat([torch.tensor([[65]]), x0[:, :i]], 1)       # start + the characters before i
+            total -= gpt(context, None)[0, -1].log_softmax(-1)[x0[0, i]].item()
+    assert mdlm.nll_per_seq(gpt, x0).item() == pytest.approx(total / x0.size(1), abs=1e-5)
+    assert mdlm.gpt_nll_of_text(gpt, x0).sum().item() == pytest.approx(total, abs=1e-4)
+
+def test_gpt_scores_long_text_with_a_sliding_window():
+    """Past block_size each character is predicted from the start token and the block_size - 1 before it."""
+    gpt = tiny_gpt(seed=1, block_size=8)
+    ids = torch.randint(65, (2, 20), generator=torch.Generator().manual_seed(2))
+    nll = mdlm.gpt_nll_of_text(gpt, ids)
+    assert nll.shape == (2, 20)
+    with torch.no_grad():
+        for j in (8, 13, 19):
+            x = torch.cat([torch.full((2, 1), 65), ids[:, j - 7:j]], 1)
+            expect = -gpt(x, None)[:, -1].log_softmax(-1).gather(1, ids[:, j:j + 1])[:, 0]
+            assert torch.allclose(nll[:, j], expect, atol=1e-5), j
+
+def test_gpt_generate_writes_left_to_right_past_the_context():
+    gpt = tiny_gpt(block_size=8)
+    g = torch.Generator().manual_seed(0)
+    out, passes = mdlm.gpt_generate(gpt, [1, 2, 3], 20, 3, generator=g)
+    assert out.shape == (3, 23) and passes == 20 and (out[:, :3] == torch.tensor([1, 2, 3])).all()
+    assert not (out == 65).any(), 'never the start token'
+    again, _ = mdlm.gpt_generate(gpt, [1, 2, 3], 20, 3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    greedy, _ = mdlm.gpt_generate(gpt, [1], 1, 1, temperature=0)
+    with torch.no_grad():
+        assert greedy[0, 1] == gpt(torch.tensor([[65, 1]]), None)[0, -1].argmax()
+
+def test_unigram_entropy():
+    assert mdlm.unigram_entropy_bits(torch.full((50,), 7)) == 0
+    assert mdlm.unigram_entropy_bits(torch.arange(8).repeat(4)) == pytest.approx(3.0)
+
+def test_judge_prefers_real_text_to_shuffled(text, tok):
+    """A GPT trained a little already finds real text likelier than the same characters shuffled."""
+    data = torch.tensor(tok.encode(text[:200000]))
+    gpt = tiny_gpt(block_size=32).train()
+    opt = torch.optim.AdamW(gpt.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        x0 = mdlm.get_batch(data, 32, 32, g)
+        loss = mdlm.gpt_loss(gpt(mdlm.gpt_input(x0, 65), None), x0)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    gpt.eval()
+    real = mdlm.get_batch(data, 8, 64, g)
+    shuffled = real[:, torch.randperm(64, generator=g)]
+    assert mdlm.gpt_nll_of_text(gpt, real).mean() < mdlm.gpt_nll_of_text(gpt, shuffled).mean() - 0.1
+
+def test_gpt_checkpoint_kind_round_trips_and_resumes(trained_gpt, tmp_path, capsys):
+    ckpt = mdlm.load_checkpoint(os.path.join(trained_gpt, 'ckpt.pt'))
+    assert ckpt['kind'] == 'gpt' and ckpt['config']['causal'] and not ckpt['config']['use_time']
+    model, _ = mdlm.model_from_checkpoint(ckpt)
+    assert model.config.causal
+    d = tmp_path / 'g'
+    assert mdlm.main(['--train', '--gpt', '--max-iters', '2', '--eval-interval', '2', '--out-dir', str(d), *TINY]) == 0
+    assert mdlm.main(['--train', '--resume', '--max-iters', '4', '--eval-interval', '2', '--out-dir', str(d),
+                      '--device', 'cpu']) == 0
+    ckpt = mdlm.load_checkpoint(str(d / 'ckpt.pt'))
+    assert ckpt['iter'] == 4 and ckpt['kind'] == 'gpt', 'resume keeps the kind'
+    assert 'val nll' in capsys.readouterr().err
+
+def test_old_checkpoints_without_a_kind_are_diffusion(trained, tmp_path):
+    ckpt = mdlm.load_checkpoint(os.path.join(trained, 'ckpt.pt'))
+    del ckpt['kind']
+    del ckpt['config']['causal']
+    model, _ = mdlm.model_from_checkpoint(ckpt)
+    assert not model.config.causal
+
+def test_gpt_trains_into_out_gpt_by_default(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr(mdlm, 'train', lambda args: seen.setdefault('out', args.out_dir))
+    assert mdlm.main(['--train', '--gpt']) == 0 and seen['out'] == 'out-gpt'
+    seen.clear()
+    assert mdlm.main(['--train']) == 0 and seen['out'] == 'out'
+
+def test_cli_gpt_modes(trained_gpt, trained, capsys):
+    base = ['--out-dir', trained_gpt, '--device', 'cpu', '--seed', '3']
+    assert mdlm.main(['--sample', '--length', '40', '--num-samples', '2', *base]) == 0
+    samples = capsys.readouterr().out.split('\n' + '=' * 40 + '\n')
+    assert len(samples) == 2 and all(len(s.rstrip('\n')) == 40 for s in samples)
+    assert mdlm.main(['--complete', 'ROMEO:', '--length', '50', *base]) == 0
+    assert capsys.readouterr().out.startswith('ROMEO:')
+    assert mdlm.main(['--eval', '--eval-iters', '2', '--batch-size', '8', *base]) == 0
+    out = capsys.readouterr().out
+    assert 'val nll:' in out and 'perplexity' in out and 'exact' in out and 't=0.1' not in out
+    assert mdlm.main(['--eval', '--eval-iters', '2', '--batch-size', '8', '--out-dir', trained, '--device', 'cpu']) == 0
+    assert 'perplexity <=' in capsys.readouterr().out
+    assert mdlm.main(['--sample', '--length', '40', '--num-samples', '2', '--out-dir', trained, '--device', 'cpu',
+                      '--steps', '8', '--judge', trained_gpt]) == 0
+    err = capsys.readouterr().err
+    assert 'bits/char' in err and 'entropy' in err and 'real val text' in err
+
+def test_score_a_file_under_either_kind(trained_gpt, trained, tmp_path, capsys):
+    f = tmp_path / 'mine.txt'
+    f.write_text('To be, or not to be, that is the question.\n' * 2)
+    for out_dir, what in ((trained_gpt, 'exact'), (trained, 'upper bound')):
+        assert mdlm.main(['--score', str(f), '--out-dir', out_dir, '--device', 'cpu']) == 0
+        line = capsys.readouterr().out
+        assert 'bits/char' in line and what in line and '86 chars' in line
+    # deterministic, and the GPT's figure is the mean of its exact per-character NLL over the windows
+    model, tok = mdlm.model_from_checkpoint(mdlm.load_checkpoint(os.path.join(trained_gpt, 'ckpt.pt')))
+    ids = torch.tensor(tok.encode(f.read_text()))
+    expect = sum(mdlm.nll_per_seq(model, w[None]).item() * len(w) for w in ids.split(32)) / len(ids) / math.log(2)
+    assert mdlm.main(['--score', str(f), '--out-dir', trained_gpt, '--device', 'cpu']) == 0
+    assert f'{expect:.4f} bits/char' in capsys.readouterr().out
+
+def test_gpt_one_line_errors(trained_gpt, trained, tmp_path):
+    one_line_error(run_cli('--infill', 'To [___] or not', '--out-dir', trained_gpt, '--device', 'cpu'),
+                   'cannot fill blanks')
+    one_line_error(run_cli('--sample', '--out-dir', trained_gpt, '--steps', '8', '--device', 'cpu'),
+                   '--steps means nothing for a GPT')
+    one_line_error(run_cli('--sample', '--out-dir', trained, '--judge', trained, '--device', 'cpu'),
+                   'a judge must be a GPT')
+    one_line_error(run_cli('--train', '--gpt', '--time', '--out-dir', str(tmp_path / 'x'), *TINY),
+                   '--time means nothing for a GPT')
+    one_line_error(run_cli('--train', '--gpt', '--max-iters', '1', '--out-dir', trained, *TINY),
+                   'holds a diffusion model')
+    one_line_error(run_cli('--train', '--max-iters', '1', '--out-dir', trained_gpt, *TINY), 'holds a gpt model')
+    one_line_error(run_cli('--train', '--resume', '--gpt', '--out-dir', trained, '--device', 'cpu'),
+                   'cannot resume with --gpt')
+    one_line_error(run_cli('--sample', '--gpt', '--out-dir', trained_gpt), '--gpt is for --train')
+    assert os.path.exists(os.path.join(trained, 'ckpt.pt')) and not mdlm.load_checkpoint(
+        os.path.join(trained, 'ckpt.pt'))['config']['causal'], 'the diffusion model is untouched'
+
+def test_judge_with_another_vocabulary_is_refused(trained, tmp_path):
+    data = tmp_path / 'abc.txt'
+    data.write_text('abcab cabca bcabc\n' * 400)
+    assert mdlm.main(['--train', '--gpt', '--max-iters', '1', '--eval-iters', '1', '--n-layer', '1', '--n-head', '2',
+                      '--n-embd', '16', '--block-size', '16', '--batch-size', '4', '--device', 'cpu',
+                      '--data', str(data), '--out-dir', str(tmp_path / 'abc')]) == 0
+    one_line_error(run_cli('--sample', '--out-dir', trained, '--steps', '4', '--judge', str(tmp_path / 'abc'),
+                           '--device', 'cpu'), 'another vocabulary')
+
+def test_compile_failure_falls_back_with_one_line(monkeypatch, tmp_path, capsys):
+    """No test compiles: torch.compile is replaced by one whose compiled model fails on first use."""
+    def broken_compile(model):
+        def fail(*a, **k):
+            raise RuntimeError('no C++ compiler found\nmore detail')
+        return fail
+    monkeypatch.setattr(torch, 'compile', broken_compile)
+    assert mdlm.main(['--train', '--compile', '--max-iters', '2', '--eval-interval', '2',
+                      '--out-dir', str(tmp_path), *TINY]) == 0
+    err = capsys.readouterr().err
+    assert '--compile: could not compile (no C++ compiler found); training without it' in err
+    assert 'step 2 |' in err and os.path.exists(tmp_path / 'ckpt.pt')
+
+# -----------------------------------------------------------------------------
+# faster training: time proposals, complementary masks, the fast path, honest error bars
+
+class MaskRateModel(torch.nn.Module):
+    """A fake denoiser whose loss depends strongly on the mask rate m of its input: the right
+    token (0) gets logit 6 (1 - m). Its NELBO integrand runs from ~0 at small t to log 65 at t = 1,
+    so a proposal weighed wrongly would show at once."""
+    def __init__(self):
+        super().__init__()
+        self.config = mdlm.ModelConfig(vocab_size=66, block_size=16)
+    def forward(self, xt, t):
+        m = (xt == 65).float().mean(1)                                          # (B,)
+        logits = torch.zeros(*xt.shape, 66)
+        logits[..., 0] = 6 * (1 - m)[:, None]
+        logits[..., 65] = float('-inf')
+        return logits
+
+def proposal_losses(proposal, complementary, n_draws=300, B=64, L=16, weighted=True):
+    model, data = MaskRateModel(), torch.zeros(1000, dtype=torch.long)
+    out = []
+    for seed in range(n_draws):
+        g = torch.Generator().manual_seed(seed)
+        x0, xt, mask, t, w = mdlm.training_batch(data, B, L, 65, g, False, proposal, complementary)
+        out.append(mdlm.batch_loss(model, x0, xt, mask, t, w if weighted else None).item())
+    return torch.tensor(out)
+
+@pytest.mark.parametrize('proposal,complementary', [('cosine', False), ('uniform', True), ('cosine', True)])
+def test_time_proposals_and_complementary_masks_keep_the_nelbo_unbiased(proposal, complementary):
+    ref = proposal_losses('uniform', False)
+    new = proposal_losses(proposal, complementary)
+    tol = 4 * math.sqrt(ref.var() / len(ref) + new.var() / len(new))      # from the measured spread
+    assert abs(new.mean() - ref.mean()) < tol, (new.mean(), ref.mean(), tol)
+    if not complementary:   # the test has power: without the 1/q weight the mean moves far off
+        assert abs(proposal_losses(proposal, complementary, weighted=False).mean() - ref.mean()) > 5 * tol
+
+def test_cosine_proposal_draws_more_small_t_and_stays_in_range():
+    t, w = mdlm.draw_t(10000, torch.Generator().manual_seed(0), 'cpu', 'cosine')
+    assert t.min() >= mdlm.EPS - 1e-7 and t.max() <= 1
+    assert (t < 0.1).float().mean() > 0.2, 'uniform would give 10%'
+    assert w.mean().item() == pytest.approx(1.0, abs=0.02), 'importance weights average to 1'
+    t, _ = mdlm.draw_t(10000, torch.Generator().manual_seed(0), 'cpu', 'cosine', hi=1 - mdlm.EPS)
+    assert t.max() <= 1 - mdlm.EPS + 1e-7
+
+def test_complementary_masks_are_exactly_complementary(text, tok):
+    data = torch.tensor(tok.encode(text[:10000]))
+    g = torch.Generator().manual_seed(0)
+    x0, xt, mask, t, w = mdlm.training_batch(data, 16, 32, 65, g, False, 'uniform', True)
+    assert x0.shape == (16, 32) and torch.equal(x0[:8], x0[8:]), 'half the windows, each twice'
+    assert torch.equal(mask[:8], ~mask[8:]), 'each position masked in exactly one of the two'
+    assert torch.equal(xt[:8] == 65, mask[:8]) and torch.equal(xt[8:] == 65, mask[8:])
+    assert torch.allclose(t[8:], 1 - t[:8]) and ((t >= mdlm.EPS) & (t <= 1 - mdlm.EPS)).all()
+    assert torch.equal(w[:8], w[8:])
+
+def test_fast_path_step_zero_loss_matches_float32(text, tok, monkeypatch):
+    """bf16 autocast with the manual attention formula: the same step-0 loss as eager float32 within
+    0.01 nats (bf16 keeps 8 bits of mantissa; the loss itself is computed in float32)."""
+    monkeypatch.setattr(mdlm, 'cpu_has_bf16', lambda: True)
+    data = torch.tensor(tok.encode(text[:10000]))
+    batch = mdlm.training_batch(data, 16, 32, 65, torch.Generator().manual_seed(0), False)
+    model = tiny_model()
+    ref = mdlm.batch_loss(model, *batch).item()
+    autocast, fused = mdlm.fast_path('cpu', 'auto')
+    for block in model.blocks:
+        block.attn.fused = fused
+    with autocast():
+        fast = mdlm.batch_loss(model, *batch).item()
+    assert abs(fast - ref) < 0.01, (fast, ref)
+
+def test_standard_error_matches_the_spread_of_repeated_estimates(text, tok):
+    """The error bar comes from independent batches: over 24 seeds the estimates scatter about as
+    much as each one's reported standard error says (a per-row error was about 2x too large)."""
+    data = torch.tensor(tok.encode(text[:200000]))
+    model = tiny_model()
+    runs = [mdlm.estimate_loss(model, data, 8, 16, seed=s) for s in range(24)]
+    spread = torch.tensor([m for m, _ in runs]).std().item()
+    reported = sum(se for _, se in runs) / len(runs)
+    assert 0.6 < reported / spread < 1.6, (reported, spread)
