@@ -716,81 +716,131 @@ def train(args):
 # -----------------------------------------------------------------------------
 # Sampling: the reverse process, from t = 1 (all masks) to t = 0 (text) in N steps.
 # One loop serves every use. Its input is a batch of rows in which [MASK] marks what to write:
-# everything for a sample, the tail after a prompt, the blanks of an infill. Tokens that are not
-# [MASK] (given, or committed in an earlier step) are never touched again. Each step the model
-# proposes a character for every masked position, and a rule decides which proposals to commit:
+# everything for a sample, the tail after a prompt, the blanks of an infill. Given tokens (not
+# [MASK] in the input) are never touched. Each step the model proposes a character for every
+# masked position, and a rule decides which proposals to commit:
 #   'ancestral'  (MDLM): between t and s = t - 1/N each mask turns into its proposal with
 #                probability (alpha_s - alpha_t) / (1 - alpha_t) = (t - s) / t, else stays masked.
 #   'confidence' (MaskGIT, LLaDA): commit the k proposals the model is surest of; k per step is
 #                floor(M / N) (+1 in the first M mod N steps) so the M masks are gone after N steps.
+#   'threshold'  (Fast-dLLM): commit every proposal surer than P, and at least the surest one;
+#                N is then a cap: easy text takes fewer passes.
 #   'random':    commit k proposals chosen at random (the plain baseline).
+# A committed token stays, except under ReMDM remasking (`remask`, with 'ancestral'): then a
+# generated token may turn back into [MASK], so an early mistake can still be undone.
 # The model is told t = the fraction of its input that is masked. Then its output depends on the
-# input alone: for a row in which a step commits nothing, the next pass would give the same
+# input alone: for a row in which a step changes nothing, the next pass would give the same
 # logits, so we reuse them (MDLM's cache, per row); with more steps than masks most are skipped.
 # `passes` counts the steps that ran the model at all (on one row or on all of them).
 
-RULES = ('ancestral', 'confidence', 'random')   # the first is the default (see README)
+RULES = ('ancestral', 'confidence', 'threshold', 'random')   # the first is the default (see README)
 
-def propose(logits, temperature, top_k, generator):
+def propose(logits, temperature, top_k, generator, top_p=1.0):
     """Sample a token per position from softmax(logits / temperature) by Gumbel-max in float64
-    (float32 Gumbel noise measurably cools the samples). Returns tokens and their probability
-    under the model (the confidence). temperature 0 is argmax."""
+    (float32 Gumbel noise measurably cools the samples), after keeping only the top_k tokens and
+    the nucleus (the fewest tokens whose probabilities sum to top_p). Returns the tokens and their
+    probability under the distribution they were drawn from (the confidence). temperature 0 is
+    argmax, and its confidence is taken at temperature 1."""
     logits = logits.float() if logits.device.type == 'mps' else logits.double()   # mps has no float64
+    if temperature > 0:
+        logits = logits / temperature
     if top_k:
         kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float('-inf'))
+    if top_p < 1:    # drop a token when the tokens surer than it already sum to top_p (the top one stays)
+        probs, order = logits.softmax(-1).sort(-1, descending=True)
+        drop = (probs.cumsum(-1) - probs) >= top_p                                 # (..., V) sorted
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float('-inf'))
     if temperature > 0:
         u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
-        gumbel = -torch.log(-torch.log(u.clamp(min=1e-300)))
-        tokens = (logits / temperature + gumbel).argmax(-1)
+        tokens = (logits - torch.log(-torch.log(u.clamp(min=1e-300)))).argmax(-1)   # + Gumbel noise
     else:
         tokens = logits.argmax(-1)
     conf = logits.softmax(-1).gather(-1, tokens[..., None])[..., 0]
     return tokens, conf
 
+def top_k_per_row(score, open_, k):
+    """(B, T) True at the k[b] highest-scoring open positions of each row."""
+    rank = score.masked_fill(~open_, float('-inf')).argsort(1, descending=True).argsort(1)   # 0 = best
+    return open_ & (rank < k[:, None])
+
+def commit_ancestral(open_, done, i, steps, remask, generator):
+    """MDLM's step from t to s, or ReMDM's when remask > 0: with alpha = 1 - t and
+    sigma = min(remask, (1 - alpha_s) / alpha_t) (the "cap" schedule, 0 at the last step), a
+    generated token turns back into [MASK] with probability sigma, and a mask is committed with
+    probability (alpha_s - (1 - sigma) alpha_t) / (1 - alpha_t); sigma = 0 gives (t - s) / t.
+    Returns (commit, unmask) masks (B, T): `done` marks the generated tokens that may be remasked."""
+    alpha_t, alpha_s = i / steps, (i + 1) / steps
+    sigma = min(remask, (1 - alpha_s) / alpha_t) if alpha_t > 0 else 0.0
+    u = torch.rand(open_.shape, generator=generator, device=open_.device)
+    commit = open_ & (u < (alpha_s - (1 - sigma) * alpha_t) / (1 - alpha_t))
+    back = done & (u < sigma) if sigma > 0 else torch.zeros_like(done)
+    return commit, back
+
+def commit_ranked(rule, open_, conf, k, i, steps, choice_temperature, threshold, generator):
+    """The rules that rank the open positions: 'confidence' commits the k surest (with MaskGIT's
+    choice temperature: Gumbel noise on log-confidence, annealed to 0 at the last step),
+    'random' k at random, 'threshold' every one surer than `threshold` and at least the surest."""
+    if rule == 'random':
+        return top_k_per_row(torch.rand(open_.shape, generator=generator, device=open_.device), open_, k)
+    score = conf.clamp(min=1e-300).log()
+    if rule == 'threshold':
+        if i == steps - 1:
+            return open_                               # the last step commits all that is left
+        return open_ & (conf > threshold) | top_k_per_row(score, open_, torch.ones_like(k))
+    if choice_temperature > 0:
+        u = torch.rand(open_.shape, generator=generator, device=open_.device, dtype=score.dtype)
+        score = score - choice_temperature * (1 - (i + 1) / steps) * torch.log(-torch.log(u.clamp(min=1e-300)))
+    return top_k_per_row(score, open_, k)
+
 @torch.no_grad()
 def generate(model, x, steps, rule='ancestral', temperature=1.0, top_k=None, generator=None,
-             on_step=None, cache=True):
-    """Fill every [MASK] of x (B, T) in `steps` steps. Returns (x, forward passes used).
+             on_step=None, cache=True, top_p=1.0, choice_temperature=0.0, threshold=0.9, remask=0.0,
+             semi_ar=None):
+    """Fill every [MASK] of x (B, T), `steps` steps per block. Returns (x, forward passes used).
+    semi_ar=N: LLaDA's semi-autoregressive blocks: only the first N masks of each row may be
+    committed until they are all done, then the next N (each block gets `steps` steps).
     cache=False reruns the model on every row at every step (the reference the cache must match)."""
     mask_id = model.config.vocab_size - 1
     x = x.clone()
-    n_masked = (x == mask_id).sum(1)                                   # (B,) M per row
     logits, passes = None, 0
     stale = torch.ones(x.size(0), dtype=torch.bool, device=x.device)  # rows whose logits are out of date
-    for i in range(steps):
-        masked = x == mask_id                                          # (B, T)
-        if stale.any():                                                # the cache: rerun changed rows only
-            fresh = model(x[stale], masked[stale].float().mean(1))     # (B', T, V)
-            if logits is None:
-                logits = fresh
+    while (x == mask_id).any():                     # one block (all the masks, or the next semi_ar)
+        masked = x == mask_id
+        block = masked if semi_ar is None else masked & (masked.cumsum(1) <= semi_ar)   # (B, T)
+        n_block = block.sum(1)                                         # (B,) M per row
+        for i in range(steps):
+            open_ = block & (x == mask_id)                             # masks this step may commit
+            if not open_.any() and not remask:
+                break
+            if stale.any():                                            # the cache: rerun changed rows only
+                fresh = model(x[stale], (x[stale] == mask_id).float().mean(1))   # (B', T, V)
+                if logits is None:
+                    logits = fresh
+                else:
+                    logits[stale] = fresh
+                passes += 1
+            tokens, conf = propose(logits, temperature, top_k, generator, top_p)   # (B, T) each
+            if rule == 'ancestral':
+                commit, back = commit_ancestral(open_, block & ~open_, i, steps, remask, generator)
             else:
-                logits[stale] = fresh
-            passes += 1
-        tokens, conf = propose(logits, temperature, top_k, generator)        # (B, T) each
-        if rule == 'ancestral':
-            t, s = 1 - i / steps, 1 - (i + 1) / steps
-            u = torch.rand(x.shape, generator=generator, device=x.device)
-            commit = masked & (u < (t - s) / t)                        # the last step: (t-s)/t = 1
-        else:
-            k = n_masked // steps + (i < n_masked % steps).long()      # (B,) commits this step
-            score = conf if rule == 'confidence' else torch.rand(
-                x.shape, generator=generator, device=x.device, dtype=conf.dtype)
-            rank = score.masked_fill(~masked, -1.0).argsort(1, descending=True).argsort(1)   # 0 = best
-            commit = masked & (rank < k[:, None])                      # the k best masked positions
-        x = torch.where(commit, tokens, x)
-        stale = commit.any(1) | (not cache)                            # these rows' input changed
-        if on_step is not None:
-            on_step(i, x)
+                k = n_block // steps + (i < n_block % steps).long()    # (B,) commits this step
+                commit = commit_ranked(rule, open_, conf, k, i, steps, choice_temperature, threshold, generator)
+                back = torch.zeros_like(commit)
+            x = torch.where(commit, tokens, x).masked_fill(back, mask_id)
+            stale = commit.any(1) | back.any(1) | (not cache)          # these rows' input changed
+            if on_step is not None:
+                on_step(i, x)
     return x, passes
 
 def generate_text(model, prefix, length, num_samples, steps, rule, temperature=1.0, top_k=None,
-                  generator=None, on_step=None):
+                  generator=None, on_step=None, **options):
     """`length` new tokens after `prefix` (a list of ids), for num_samples rows at once.
     Longer than the context: block by block, each block conditioned on the text before it (a
     sliding-window cousin of LLaDA's semi-autoregressive blocks). Each window keeps as much of
     the text so far as fits: the first window all of the prompt, later ones half a block, so
-    that each later window makes half a block of new tokens (fewer in the last)."""
+    that each later window makes half a block of new tokens (fewer in the last). `options` go
+    to generate (top_p, choice_temperature, threshold, remask, semi_ar)."""
     T, mask_id = model.config.block_size, model.config.vocab_size - 1
     device = next(model.parameters()).device
     out = torch.tensor(prefix, dtype=torch.long, device=device).repeat(num_samples, 1)   # (B, P)
@@ -800,12 +850,12 @@ def generate_text(model, prefix, length, num_samples, steps, rule, temperature=1
         n_new = min(len(prefix) + length - out.size(1), max(T - out.size(1), 1 if first else max(1, T // 2)))
         context = out[:, out.size(1) - min(out.size(1), T - n_new):]                    # (B, <= T - n_new)
         x = torch.cat([context, torch.full((num_samples, n_new), mask_id, device=device)], 1)
-        x, p = generate(model, x, steps, rule, temperature, top_k, generator, on_step)
+        x, p = generate(model, x, steps, rule, temperature, top_k, generator, on_step, **options)
         out, passes = torch.cat([out, x[:, -n_new:]], 1), passes + p
     return out, passes
 
 @torch.no_grad()
-def gpt_generate(model, prefix, length, num_samples, temperature=1.0, top_k=None, generator=None):
+def gpt_generate(model, prefix, length, num_samples, temperature=1.0, top_k=None, generator=None, top_p=1.0):
     """The GPT twin's own loop: `length` characters after `prefix` (a list of ids), one forward
     pass per character, left to right. The window is the start token and the last block_size - 1
     characters, as in training, so it slides on past the context. Returns (ids, passes)."""
@@ -814,7 +864,7 @@ def gpt_generate(model, prefix, length, num_samples, temperature=1.0, top_k=None
     out = torch.tensor(prefix, dtype=torch.long, device=device).repeat(num_samples, 1)   # (B, P)
     for _ in range(length):
         x = torch.cat([torch.full((num_samples, 1), start, device=device), out[:, -(T - 1):]], 1)
-        tokens, _ = propose(model(x, None)[:, -1], temperature, top_k, generator)   # (B,) the next char
+        tokens, _ = propose(model(x, None)[:, -1], temperature, top_k, generator, top_p)   # (B,) the next char
         out = torch.cat([out, tokens[:, None]], 1)
     return out, length
 
@@ -954,15 +1004,21 @@ def run_generation(args):
         if args.infill is not None:
             raise CliError('a GPT cannot fill blanks: it never sees the text to the right of one; '
                            'use a diffusion model')
-        given = [flag(k) for k in ('steps', 'rule', 'show') if k in args.explicit]
+        given = [flag(k) for k in DIFFUSION_ONLY if k in args.explicit]
         if given:
             raise CliError(f'{given[0]} means nothing for a GPT (it writes left to right, one character a pass)')
     if args.judge is not None and args.infill is not None:
         raise CliError('--judge scores --sample and --complete, not --infill')
     judge = load_judge(args.judge, tok, device) if args.judge is not None else None
+    rule = args.rule or RULES[0]
+    for name, its_rule in SAMPLER_FLAGS.items():
+        if name in args.explicit and rule != its_rule:
+            raise CliError(f'{flag(name)} is for --rule {its_rule}, not {rule}')
     g = torch.Generator(device=device).manual_seed(args.seed)
-    opts = dict(steps=args.steps or 64, rule=args.rule or RULES[0], temperature=args.temperature,
-                top_k=args.top_k, generator=g, on_step=show_frames(tok) if args.show else None)
+    opts = dict(steps=args.steps or 64, rule=rule, temperature=args.temperature, top_k=args.top_k,
+                generator=g, on_step=show_frames(tok) if args.show else None, top_p=args.top_p or 1.0,
+                choice_temperature=args.choice_temperature or 0.0, threshold=args.threshold or 0.9,
+                remask=args.remask or 0.0, semi_ar=args.semi_ar)
     if args.infill is not None:
         ids = parse_infill(args.infill, tok)
         if len(ids) > T:
@@ -975,7 +1031,8 @@ def run_generation(args):
             raise CliError('the prompt is empty: give some text to continue, or use --sample')
         ids = tok.encode(prompt)
         if model.config.causal:          # a GPT slides over any prompt
-            out, _ = gpt_generate(model, ids, args.length or T, args.num_samples, args.temperature, args.top_k, g)
+            out, _ = gpt_generate(model, ids, args.length or T, args.num_samples, args.temperature, args.top_k, g,
+                                  args.top_p or 1.0)
         else:
             if len(ids) >= T:
                 raise CliError(f'the prompt is {len(ids)} characters; it must leave room in the '
@@ -1269,6 +1326,12 @@ def nonneg_float(s):
         raise argparse.ArgumentTypeError(f'must be a finite number at least 0, got {s}')
     return v
 
+def unit_float(s):
+    v = float(s)
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f'must be in (0, 1], got {s}')
+    return v
+
 def probability(s):
     v = float(s)
     if not 0 <= v < 1:
@@ -1280,7 +1343,9 @@ TRAIN_FLAGS = ('batch_size', 'max_iters', 'lr', 'min_lr', 'warmup_iters', 'weigh
                'eval_interval', 'eval_iters', 'log_interval', 'schedule', 't_proposal',
                'complementary')                                                # may change on --resume
 FLAG_NAMES = {'causal': 'gpt', 'use_time': 'time'}    # dest -> the flag a user types
-DIFFUSION_ONLY = ('use_time', 't_proposal', 'complementary', 'steps', 'rule', 'show')   # meaningless for a GPT
+SAMPLER_FLAGS = {'choice_temperature': 'confidence', 'threshold': 'threshold', 'remask': 'ancestral'}  # -> its rule
+DIFFUSION_ONLY = ('use_time', 't_proposal', 'complementary', 'steps', 'rule', 'show', 'semi_ar',
+                  *SAMPLER_FLAGS)                                              # meaningless for a GPT
 
 def flag(name):
     return '--' + FLAG_NAMES.get(name, name).replace('_', '-')
@@ -1289,7 +1354,8 @@ def build_parser():
     class Help(argparse.ArgumentDefaultsHelpFormatter):   # show a default only where there is one
         def _get_help_string(self, action):
             return action.help if action.default in (None, False) else super()._get_help_string(action)
-    p = argparse.ArgumentParser(description='A masked diffusion language model, in one file.', formatter_class=Help)
+    p = argparse.ArgumentParser(description='A masked diffusion language model, in one file.', formatter_class=Help,
+                                allow_abbrev=False)      # --top would otherwise be taken for --top-k
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument('--train', action='store_true', help='train (or --resume) a model (--gpt: the GPT twin)')
     mode.add_argument('--sample', action='store_true', help='generate text from pure noise')
@@ -1338,6 +1404,16 @@ def build_parser():
     g.add_argument('--rule', choices=RULES, help=f'which proposals to commit (default {RULES[0]}; see README)')
     g.add_argument('--temperature', type=nonneg_float, default=1.0, help='0: argmax')
     g.add_argument('--top-k', type=positive_int)
+    g.add_argument('--top-p', type=unit_float, help='nucleus: sample from the fewest tokens whose '
+                   'probabilities sum to P (default 1: all)')
+    g.add_argument('--choice-temperature', type=nonneg_float, metavar='TAU',
+                   help='--rule confidence: Gumbel noise on the ranking, annealed to 0 (default 0)')
+    g.add_argument('--threshold', type=probability, metavar='P',
+                   help='--rule threshold: commit every proposal surer than P (default 0.9)')
+    g.add_argument('--remask', type=probability, metavar='ETA',
+                   help='--rule ancestral: ReMDM-cap remasking, at most ETA per step (default 0)')
+    g.add_argument('--semi-ar', type=positive_int, metavar='N',
+                   help='commit N characters at a time, left to right, --steps steps each (LLaDA)')
     g.add_argument('--num-samples', type=positive_int, default=1)
     g.add_argument('--length', type=positive_int, help='characters to generate (default: block_size)')
     g.add_argument('--show', action='store_true', default=None, help='watch the denoising, step by step')
