@@ -868,6 +868,24 @@ def gpt_generate(model, prefix, length, num_samples, temperature=1.0, top_k=None
         out = torch.cat([out, tokens[:, None]], 1)
     return out, length
 
+def infill(model, ids, num_samples, steps, rule, **options):
+    """Fill the [MASK]s of ids (a list) in num_samples rows. A text longer than the context is
+    filled blank by blank: each time, the block_size window centred on the first blank left (all
+    of it, left and right context, and any other masks it holds) goes through generate."""
+    T, mask_id = model.config.block_size, model.config.vocab_size - 1
+    device = next(model.parameters()).device
+    x = torch.tensor(ids, device=device).repeat(num_samples, 1)      # (B, N)
+    passes = 0
+    while (x == mask_id).any():
+        masked = (x[0] == mask_id).long()                            # the rows share their blanks
+        p = masked.argmax().item()                                   # the first mask left ...
+        rest = masked[p:]
+        q = p + (rest.argmin().item() if (rest == 0).any() else len(rest))   # ... and the end of its blank
+        start = max(0, min((p + q - T) // 2, len(ids) - T, p))      # centred, inside the text, p in it
+        x[:, start:start + T], n = generate(model, x[:, start:start + T], steps, rule, **options)
+        passes += n
+    return x, passes
+
 BLANK = re.compile(r'\[_+\]')   # a blank: '[', one or more '_', ']'; it stands for as many chars as it is wide
 
 def parse_infill(text, tok):
@@ -1021,10 +1039,7 @@ def run_generation(args):
                 remask=args.remask or 0.0, semi_ar=args.semi_ar)
     if args.infill is not None:
         ids = parse_infill(args.infill, tok)
-        if len(ids) > T:
-            raise CliError(f'the text is {len(ids)} characters with its blanks; this model reads at most {T}')
-        x = torch.tensor(ids, device=device).repeat(args.num_samples, 1)
-        out, _ = generate(model, x, **opts)
+        out, _ = infill(model, ids, args.num_samples, **opts)
     else:
         prompt = args.complete if args.complete is not None else ''
         if args.complete is not None and not prompt:
