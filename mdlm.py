@@ -69,6 +69,7 @@ PRESETS = {
                  eval_interval=500, eval_iters=20, log_interval=100),
 }
 EPS = 1e-3          # training draws t from [EPS, 1]: t = 0 would mask nothing and weigh 1/t = inf
+EVAL_SEED = 1234    # every evaluation (training log, --eval) scores the same windows with the same masks
 MASK_GLYPH = '■'    # how a [MASK] is drawn on screen
 
 # -----------------------------------------------------------------------------
@@ -731,7 +732,7 @@ def train(args):
 # The model is told t = the fraction of its input that is masked. Then its output depends on the
 # input alone: for a row in which a step changes nothing, the next pass would give the same
 # logits, so we reuse them (MDLM's cache, per row); with more steps than masks most are skipped.
-# `passes` counts the steps that ran the model at all (on one row or on all of them).
+# `calls` counts the model's work: one per row per pass (a cached row costs nothing).
 
 RULES = ('ancestral', 'confidence', 'threshold', 'random')   # the first is the default (see README)
 
@@ -797,13 +798,13 @@ def commit_ranked(rule, open_, conf, k, i, steps, choice_temperature, threshold,
 def generate(model, x, steps, rule='ancestral', temperature=1.0, top_k=None, generator=None,
              on_step=None, cache=True, top_p=1.0, choice_temperature=0.0, threshold=0.9, remask=0.0,
              semi_ar=None):
-    """Fill every [MASK] of x (B, T), `steps` steps per block. Returns (x, forward passes used).
+    """Fill every [MASK] of x (B, T), `steps` steps per block. Returns (x, model calls: rows run).
     semi_ar=N: LLaDA's semi-autoregressive blocks: only the first N masks of each row may be
     committed until they are all done, then the next N (each block gets `steps` steps).
     cache=False reruns the model on every row at every step (the reference the cache must match)."""
     mask_id = model.config.vocab_size - 1
     x = x.clone()
-    logits, passes = None, 0
+    logits, calls = None, 0
     stale = torch.ones(x.size(0), dtype=torch.bool, device=x.device)  # rows whose logits are out of date
     while (x == mask_id).any():                     # one block (all the masks, or the next semi_ar)
         masked = x == mask_id
@@ -819,7 +820,7 @@ def generate(model, x, steps, rule='ancestral', temperature=1.0, top_k=None, gen
                     logits = fresh
                 else:
                     logits[stale] = fresh
-                passes += 1
+                calls += int(stale.sum())
             tokens, conf = propose(logits, temperature, top_k, generator, top_p)   # (B, T) each
             if rule == 'ancestral':
                 commit, back = commit_ancestral(open_, block & ~open_, i, steps, remask, generator)
@@ -831,7 +832,7 @@ def generate(model, x, steps, rule='ancestral', temperature=1.0, top_k=None, gen
             stale = commit.any(1) | back.any(1) | (not cache)          # these rows' input changed
             if on_step is not None:
                 on_step(i, x)
-    return x, passes
+    return x, calls
 
 def generate_text(model, prefix, length, num_samples, steps, rule, temperature=1.0, top_k=None,
                   generator=None, on_step=None, **options):
@@ -844,21 +845,21 @@ def generate_text(model, prefix, length, num_samples, steps, rule, temperature=1
     T, mask_id = model.config.block_size, model.config.vocab_size - 1
     device = next(model.parameters()).device
     out = torch.tensor(prefix, dtype=torch.long, device=device).repeat(num_samples, 1)   # (B, P)
-    passes = 0
+    calls = 0
     while out.size(1) < len(prefix) + length:
         first = out.size(1) == len(prefix)         # the first window sees the whole prompt
         n_new = min(len(prefix) + length - out.size(1), max(T - out.size(1), 1 if first else max(1, T // 2)))
         context = out[:, out.size(1) - min(out.size(1), T - n_new):]                    # (B, <= T - n_new)
         x = torch.cat([context, torch.full((num_samples, n_new), mask_id, device=device)], 1)
         x, p = generate(model, x, steps, rule, temperature, top_k, generator, on_step, **options)
-        out, passes = torch.cat([out, x[:, -n_new:]], 1), passes + p
-    return out, passes
+        out, calls = torch.cat([out, x[:, -n_new:]], 1), calls + p
+    return out, calls
 
 @torch.no_grad()
 def gpt_generate(model, prefix, length, num_samples, temperature=1.0, top_k=None, generator=None, top_p=1.0):
     """The GPT twin's own loop: `length` characters after `prefix` (a list of ids), one forward
     pass per character, left to right. The window is the start token and the last block_size - 1
-    characters, as in training, so it slides on past the context. Returns (ids, passes)."""
+    characters, as in training, so it slides on past the context. Returns (ids, model calls)."""
     T, start = model.config.block_size, model.config.vocab_size - 1
     device = next(model.parameters()).device
     out = torch.tensor(prefix, dtype=torch.long, device=device).repeat(num_samples, 1)   # (B, P)
@@ -866,7 +867,7 @@ def gpt_generate(model, prefix, length, num_samples, temperature=1.0, top_k=None
         x = torch.cat([torch.full((num_samples, 1), start, device=device), out[:, -(T - 1):]], 1)
         tokens, _ = propose(model(x, None)[:, -1], temperature, top_k, generator, top_p)   # (B,) the next char
         out = torch.cat([out, tokens[:, None]], 1)
-    return out, length
+    return out, length * num_samples
 
 def infill(model, ids, num_samples, steps, rule, **options):
     """Fill the [MASK]s of ids (a list) in num_samples rows. A text longer than the context is
@@ -875,7 +876,7 @@ def infill(model, ids, num_samples, steps, rule, **options):
     T, mask_id = model.config.block_size, model.config.vocab_size - 1
     device = next(model.parameters()).device
     x = torch.tensor(ids, device=device).repeat(num_samples, 1)      # (B, N)
-    passes = 0
+    calls = 0
     while (x == mask_id).any():
         masked = (x[0] == mask_id).long()                            # the rows share their blanks
         p = masked.argmax().item()                                   # the first mask left ...
@@ -883,8 +884,8 @@ def infill(model, ids, num_samples, steps, rule, **options):
         q = p + (rest.argmin().item() if (rest == 0).any() else len(rest))   # ... and the end of its blank
         start = max(0, min((p + q - T) // 2, len(ids) - T, p))      # centred, inside the text, p in it
         x[:, start:start + T], n = generate(model, x[:, start:start + T], steps, rule, **options)
-        passes += n
-    return x, passes
+        calls += n
+    return x, calls
 
 BLANK = re.compile(r'\[_+\]')   # a blank: '[', one or more '_', ']'; it stands for as many chars as it is wide
 
@@ -933,7 +934,7 @@ def nll_per_seq(model, x0):
     return F.cross_entropy(logits.transpose(1, 2), x0, reduction='none').mean(1)
 
 @torch.no_grad()
-def estimate_loss(model, data, n_batches, batch_size, seed=1234):
+def estimate_loss(model, data, n_batches, batch_size, seed=EVAL_SEED):
     """Val loss in nats/char and its standard error, over n_batches seeded batches of `data`: the
     NELBO bound for a diffusion model, the exact NLL for the GPT twin. Always in float32. The
     windows come from a generator of their own, so both kinds score the same windows, and every
@@ -968,6 +969,44 @@ def gpt_nll_of_text(model, ids):
         nll.append(F.cross_entropy(last, ids[:, T:].reshape(-1), reduction='none').view(B, N - T))
     return torch.cat(nll, 1)
 
+def blanked_words(text, length, n, seed=EVAL_SEED):
+    """n seeded infill questions from `text`: a lowercase word of `length` letters in a line,
+    given with the two lines before it. Returns (context, start of the word in it, word)."""
+    lines = text.split('\n')
+    word = re.compile(rf"(?<![A-Za-z'])[a-z]{{{length}}}(?![A-Za-z'])")
+    found = [(i, m.start(), m.group()) for i in range(2, len(lines)) for m in word.finditer(lines[i])]
+    picks = [found[j] for j in torch.randperm(len(found), generator=torch.Generator().manual_seed(seed))[:n]]
+    return [('\n'.join(lines[i - 2:i + 1]), len(lines[i - 2]) + len(lines[i - 1]) + 2 + pos, w)
+            for i, pos, w in picks]
+
+@torch.no_grad()
+def infill_accuracy(model, tok, train_text, val_text, lengths=(1, 3, 5), n=100, **options):
+    """Fill blanked val words (blanked_words) and count exact words and right characters, per
+    length. A diffusion model fills each with `infill` (options: the sampler's). A GPT cannot see
+    past the blank, so it gets a list instead: every word of that length in the training text,
+    each put in the blank and scored on the context window around it; it answers the likeliest."""
+    T, mask_id = model.config.block_size, model.config.vocab_size - 1
+    device = next(model.parameters()).device
+    rows = []
+    for length in lengths:
+        candidates = sorted({w for _, _, w in blanked_words(train_text, length, 10 ** 9)})
+        exact = right = 0
+        for text, start, word in blanked_words(val_text, length, n):
+            ids = tok.encode(text[:start]) + [mask_id] * length + tok.encode(text[start + length:])
+            if model.config.causal:
+                a = max(0, min((2 * start + length - T) // 2, len(ids) - T, start))   # infill's window
+                rows_ = torch.tensor([tok.encode(text[a:start] + c + text[start + length:])[:T] for c in candidates],
+                                     device=device)
+                nll = torch.cat([nll_per_seq(model, chunk) for chunk in rows_.split(256)])
+                guess = candidates[nll.argmin().item()]
+            else:
+                out, _ = infill(model, ids, 1, **options)
+                guess = tok.decode(out[0, start:start + length].tolist())
+            exact += guess == word
+            right += sum(a == b for a, b in zip(guess, word))
+        rows.append((length, exact / n, right / (n * length), len(candidates)))
+    return rows
+
 def unigram_entropy_bits(ids):
     """Entropy in bits of the character frequencies of one text: about 4.4 for a line of
     Shakespeare, 0 for one character repeated. A sampler that repeats itself scores low here."""
@@ -976,7 +1015,7 @@ def unigram_entropy_bits(ids):
     return -(p * p.log2()).sum().item()
 
 @torch.no_grad()
-def ce_per_noise_level(model, data, ts, n_batches, batch_size, seed=1234):
+def ce_per_noise_level(model, data, ts, n_batches, batch_size, seed=EVAL_SEED):
     """Masked CE (nats per masked char) at fixed t: how hard each noise level is."""
     model.eval()
     g = torch.Generator(device=data.device).manual_seed(seed)
@@ -1028,15 +1067,8 @@ def run_generation(args):
     if args.judge is not None and args.infill is not None:
         raise CliError('--judge scores --sample and --complete, not --infill')
     judge = load_judge(args.judge, tok, device) if args.judge is not None else None
-    rule = args.rule or RULES[0]
-    for name, its_rule in SAMPLER_FLAGS.items():
-        if name in args.explicit and rule != its_rule:
-            raise CliError(f'{flag(name)} is for --rule {its_rule}, not {rule}')
     g = torch.Generator(device=device).manual_seed(args.seed)
-    opts = dict(steps=args.steps or 64, rule=rule, temperature=args.temperature, top_k=args.top_k,
-                generator=g, on_step=show_frames(tok) if args.show else None, top_p=args.top_p or 1.0,
-                choice_temperature=args.choice_temperature or 0.0, threshold=args.threshold or 0.9,
-                remask=args.remask or 0.0, semi_ar=args.semi_ar)
+    opts = sampler_options(args, g, show_frames(tok) if args.show else None)
     if args.infill is not None:
         ids = parse_infill(args.infill, tok)
         out, _ = infill(model, ids, args.num_samples, **opts)
@@ -1058,6 +1090,17 @@ def run_generation(args):
     if judge is not None:
         print(judge_report(judge, tok, out, len(ids), args), file=sys.stderr)
     return 0
+
+def sampler_options(args, generator, on_step=None):
+    """The diffusion sampler's flags as generate's keyword arguments; a flag for another rule is refused."""
+    rule = args.rule or RULES[0]
+    for name, its_rule in SAMPLER_FLAGS.items():
+        if name in args.explicit and rule != its_rule:
+            raise CliError(f'{flag(name)} is for --rule {its_rule}, not {rule}')
+    return dict(steps=args.steps or 64, rule=rule, temperature=args.temperature, top_k=args.top_k,
+                generator=generator, on_step=on_step, top_p=args.top_p or 1.0,
+                choice_temperature=args.choice_temperature or 0.0, threshold=args.threshold or 0.9,
+                remask=args.remask or 0.0, semi_ar=args.semi_ar)
 
 def load_judge(out_dir, tok, device):
     """--judge DIR: the GPT checkpoint that scores samples; it must read the same characters."""
@@ -1093,17 +1136,25 @@ def run_eval(args):
     device = next(model.parameters()).device
     text = load_text(args.data, allow_download=args.data == DEFAULT_DATA)
     train_data, val_data = (d.to(device) for d in split_data(text, tok, model.config.block_size))
-    n, B = args.eval_iters or 20, args.batch_size or 64
+    n, B = args.eval_iters or 100, args.batch_size or ckpt['args'].get('batch_size', 64)   # as in training
     for name, data in (('val', val_data), ('train', train_data)):
-        mean, se = estimate_loss(model, data, n, B, seed=args.seed)
+        mean, se = estimate_loss(model, data, n, B)    # the training log's windows, and more
         what = ('nll', f'perplexity {math.exp(mean):.3f} (exact: a GPT\'s likelihood)') if model.config.causal \
             else ('nelbo', f'perplexity <= {math.exp(mean):.3f} (an upper bound: the NELBO bounds -log p)')
         print(f'{name} {what[0]}: {mean:.4f} nats/char ({mean / math.log(2):.4f} bits/char) '
               f'+- {se:.4f} (standard error, {n} batches of {B} windows of {model.config.block_size}); {what[1]}')
+    if args.infill_eval:
+        split = int(0.9 * len(text))
+        opts = {} if model.config.causal else sampler_options(args, torch.Generator(device=device).manual_seed(args.seed))
+        how = ('ranks every training word of the length (the GPT cannot see past the blank)' if model.config.causal
+               else f'fills with --infill\'s sampler: {opts["rule"]}, {opts["steps"]} steps')
+        print(f'infill: 100 blanked val words per length, each given with its line and the two before; {how}')
+        for length, exact, chars, n_cand in infill_accuracy(model, tok, text[:split], text[split:], **opts):
+            print(f'  {length}-letter words: {exact:.0%} exact, {chars:.0%} of letters right')
     if model.config.causal:
         return 0
     ts = [round(0.1 * i, 1) for i in range(1, 11)]
-    ces = ce_per_noise_level(model, val_data, ts, max(1, n // 4), B, seed=args.seed)
+    ces = ce_per_noise_level(model, val_data, ts, max(1, n // 4), B)
     print('masked cross-entropy per noise level (val, nats per masked char):')
     for t, ce in zip(ts, ces):
         print(f'  t={t:.1f}  {ce:.4f}  {"#" * round(ce * 10)}')
@@ -1256,12 +1307,12 @@ def run_bench(args):
     for name, fn in samplers.items():
         sync()
         t0 = time.time()
-        _, passes = fn()
+        _, calls = fn()
         sync()
         dt = time.time() - t0
         what = f'{name} rule at {S} steps' if name in RULES else 'the GPT twin, one pass a character'
         print(f'sample ({what}): {args.num_samples} x {L} chars: '
-              f'{args.num_samples * L / dt:,.0f} chars/s, {passes} forward passes')
+              f'{args.num_samples * L / dt:,.0f} chars/s, {calls / (args.num_samples * L):.2f} model calls per char')
     return 0
 
 def pick_device(requested=None):
@@ -1399,7 +1450,9 @@ def build_parser():
     t.add_argument('--batch-size', type=positive_int)
     t.add_argument('--max-iters', type=nonneg_int)
     t.add_argument('--eval-interval', type=positive_int)
-    t.add_argument('--eval-iters', type=positive_int, help='batches per NELBO estimate')
+    t.add_argument('--eval-iters', type=positive_int, help='batches per NELBO estimate (--eval: default 100)')
+    t.add_argument('--infill-eval', action='store_true', default=None,
+                   help='with --eval: fill 100 blanked val words of 1, 3 and 5 letters, count the hits')
     t.add_argument('--log-interval', type=positive_int)
     t.add_argument('--lr', type=positive_float)
     t.add_argument('--min-lr', type=nonneg_float)
