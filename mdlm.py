@@ -869,13 +869,15 @@ def gpt_generate(model, prefix, length, num_samples, temperature=1.0, top_k=None
         out = torch.cat([out, tokens[:, None]], 1)
     return out, length * num_samples
 
-def infill(model, ids, num_samples, steps, rule, **options):
+def infill(model, ids, num_samples, steps, rule, best_of=1, **options):
     """Fill the [MASK]s of ids (a list) in num_samples rows. A text longer than the context is
     filled blank by blank: each time, the block_size window centred on the first blank left (all
-    of it, left and right context, and any other masks it holds) goes through generate."""
+    of it, left and right context, and any other masks it holds) goes through generate.
+    best_of=N: draw N fills of each window and keep the one the model's own likelihood bound
+    prefers, which a GPT could not do: the bound reads the text on both sides of the blank."""
     T, mask_id = model.config.block_size, model.config.vocab_size - 1
     device = next(model.parameters()).device
-    x = torch.tensor(ids, device=device).repeat(num_samples, 1)      # (B, N)
+    x = torch.tensor(ids, device=device).repeat(num_samples * best_of, 1)      # (B * N, L)
     calls = 0
     while (x == mask_id).any():
         masked = (x[0] == mask_id).long()                            # the rows share their blanks
@@ -885,7 +887,22 @@ def infill(model, ids, num_samples, steps, rule, **options):
         start = max(0, min((p + q - T) // 2, len(ids) - T, p))      # centred, inside the text, p in it
         x[:, start:start + T], n = generate(model, x[:, start:start + T], steps, rule, **options)
         calls += n
-    return x, calls
+        if best_of > 1:                                              # keep each sample's likeliest fill
+            bound = window_bound(model, x[:, start:start + T], 32, options.get('generator'))
+            best = bound.view(num_samples, best_of).argmin(1) + best_of * torch.arange(num_samples, device=device)
+            x = x[best].repeat_interleave(best_of, 0)
+            calls += 32 * len(bound)
+    return x[::best_of], calls
+
+@torch.no_grad()
+def window_bound(model, x0, draws, generator):
+    """The NELBO bound of each row of x0 (B, L), from `draws` exact-k masks shared by all rows:
+    with the same masks, rows that differ in a few characters are compared with little noise."""
+    (B, L), R = x0.shape, draws
+    mask, k = exact_k_mask(R, L, generator, x0.device)                            # (R, L), (R,)
+    xt = x0[:, None].masked_fill(mask, model.config.vocab_size - 1).view(B * R, L)
+    ce = masked_ce(model(xt, (k / L).repeat(B)), x0.repeat_interleave(R, 0), mask.repeat(B, 1))
+    return (ce.sum(1) / k.repeat(B)).view(B, R).mean(1)                         # (B,)
 
 BLANK = re.compile(r'\[_+\]')   # a blank: '[', one or more '_', ']'; it stands for as many chars as it is wide
 
@@ -1071,7 +1088,7 @@ def run_generation(args):
     opts = sampler_options(args, g, show_frames(tok) if args.show else None)
     if args.infill is not None:
         ids = parse_infill(args.infill, tok)
-        out, _ = infill(model, ids, args.num_samples, **opts)
+        out, _ = infill(model, ids, args.num_samples, best_of=args.best_of or 1, **opts)
     else:
         prompt = args.complete if args.complete is not None else ''
         if args.complete is not None and not prompt:
@@ -1117,19 +1134,75 @@ def judge_report(judge, tok, out, n_prompt, args):
     finds the generated characters, each predicted from what stands before it. Low is plausible;
     but text that repeats itself also scores low, so the samples' unigram entropy stands beside
     it, and both figures for as many real val texts of the same length."""
-    text = load_text(args.data, allow_download=args.data == DEFAULT_DATA)
-    _, val_data = split_data(text, tok, out.size(1))
-    g = torch.Generator().manual_seed(args.seed)
-    real = get_batch(val_data, out.size(0), out.size(1), g).to(out.device)   # (B, P + L) real text
-    figures = []
-    for rows in (out, real):
-        nll = gpt_nll_of_text(judge, rows)[:, n_prompt:]              # (B, L): the generated part only
-        entropy = sum(unigram_entropy_bits(r) for r in rows[:, n_prompt:]) / len(rows)
-        figures.append((nll.mean().item() / math.log(2), entropy))
-    (b, e), (rb, re_) = figures
+    (b, e), (rb, re_) = judge_figures(judge, out, n_prompt), judge_figures(judge, real_val_text(args, tok, out), n_prompt)
     return (f'judge {args.judge}: samples {b:.3f} bits/char, unigram entropy {e:.2f} bits | '
             f'real val text {rb:.3f} bits/char, entropy {re_:.2f} bits '
             f'({out.size(0)} x {out.size(1) - n_prompt} chars each)')
+
+def real_val_text(args, tok, like):
+    """As many seeded val windows as `like` has rows, as long as its rows: the reference."""
+    _, val_data = split_data(load_text(args.data, allow_download=args.data == DEFAULT_DATA), tok, like.size(1))
+    return get_batch(val_data, like.size(0), like.size(1), torch.Generator().manual_seed(args.seed)).to(like.device)
+
+@torch.no_grad()
+def judge_figures(judge, rows, n_prompt=0):
+    """(bits/char of rows[:, n_prompt:] under the judge, pooled; their unigram entropy, averaged)."""
+    nll = gpt_nll_of_text(judge, rows)[:, n_prompt:]                  # (B, L): the generated part only
+    entropy = sum(unigram_entropy_bits(r) for r in rows[:, n_prompt:]) / len(rows)
+    return nll.mean().item() / math.log(2), entropy
+
+# The sampler settings --frontier compares: (name, generate's options beyond the defaults)
+FRONTIER = [
+    ('ancestral, 16 steps', dict(steps=16)), ('ancestral, 64 steps', dict()), ('ancestral, 256 steps', dict(steps=256)),
+    ('ancestral, temperature 0.8', dict(temperature=0.8)), ('ancestral, top-p 0.9', dict(top_p=0.9)),
+    ('ancestral, top-p 0.8', dict(top_p=0.8)),
+    ('ancestral, remask 0.01', dict(remask=0.01)), ('ancestral, remask 0.02, 128 steps', dict(remask=0.02, steps=128)),
+    ('ancestral, semi-ar 8', dict(semi_ar=8, steps=8)), ('random, 64 steps', dict(rule='random')),
+    ('confidence, 64 steps', dict(rule='confidence')),
+    ('confidence, choice temperature 1', dict(rule='confidence', choice_temperature=1.0)),
+    ('confidence, choice temperature 4', dict(rule='confidence', choice_temperature=4.0)),
+    ('confidence, semi-ar 8', dict(rule='confidence', semi_ar=8, steps=8)),
+    ('threshold 0.9', dict(rule='threshold', threshold=0.9)), ('threshold 0.5', dict(rule='threshold', threshold=0.5)),
+]
+
+def run_frontier(args):
+    """--frontier --judge DIR: every FRONTIER setting from the same seed, scored by the judge:
+    bits/char, unigram entropy, model calls per character; a table and <out-dir>/frontier.png."""
+    model, tok, _ = load_for_inference(args)
+    if args.judge is None:
+        raise CliError('--frontier needs --judge DIR: the GPT checkpoint that scores the samples')
+    device = next(model.parameters()).device
+    judge = load_judge(args.judge, tok, device)
+    B, L = args.num_samples, args.length or 2 * model.config.block_size
+    rows = []
+    for name, opts in FRONTIER:
+        g = torch.Generator(device=device).manual_seed(args.seed)
+        out, calls = generate_text(model, [], L, B, **{'steps': 64, 'rule': 'ancestral', **opts}, generator=g)
+        rows.append((name, *judge_figures(judge, out), calls / (B * L)))
+    out, calls = gpt_generate(judge, [], L, B, generator=torch.Generator(device=device).manual_seed(args.seed))
+    rows.append(('the GPT twin (judge) itself', *judge_figures(judge, out), calls / (B * L)))
+    rows.append(('real val text', *judge_figures(judge, real_val_text(args, tok, out)), float('nan')))
+    print(f'{B} samples x {L} chars, seed {args.seed}; judge {args.judge}')
+    print(f'{"setting":38} {"bits/char":>9} {"entropy":>8} {"calls/char":>10}')
+    for name, bits, entropy, per_char in rows:
+        print(f'{name:38} {bits:9.3f} {entropy:8.2f} {per_char:10.2f}')
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return 0
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, bits, entropy, _ in rows:
+        ax.scatter(entropy, bits, color='C1' if 'GPT' in name else 'C2' if 'real' in name else 'C0')
+        ax.annotate(name, (entropy, bits), fontsize=7, xytext=(3, 3), textcoords='offset points')
+    ax.set(xlabel='unigram entropy of a sample (bits): low = repetitive', ylabel='bits/char under the GPT judge: low = plausible',
+           title=f'samplers of {args.out_dir}/ckpt.pt, {B} x {L} chars')
+    ax.grid(alpha=0.3)
+    path = os.path.join(args.out_dir, 'frontier.png')
+    fig.savefig(path, dpi=120, bbox_inches='tight')
+    print(f'wrote {path}')
+    return 0
 
 def run_eval(args):
     model, tok, ckpt = load_for_inference(args)
@@ -1145,9 +1218,10 @@ def run_eval(args):
               f'+- {se:.4f} (standard error, {n} batches of {B} windows of {model.config.block_size}); {what[1]}')
     if args.infill_eval:
         split = int(0.9 * len(text))
-        opts = {} if model.config.causal else sampler_options(args, torch.Generator(device=device).manual_seed(args.seed))
+        opts = {} if model.config.causal else dict(
+            sampler_options(args, torch.Generator(device=device).manual_seed(args.seed)), best_of=args.best_of or 1)
         how = ('ranks every training word of the length (the GPT cannot see past the blank)' if model.config.causal
-               else f'fills with --infill\'s sampler: {opts["rule"]}, {opts["steps"]} steps')
+               else f'fills with --infill\'s sampler: {opts["rule"]}, {opts["steps"]} steps, best of {opts["best_of"]}')
         print(f'infill: 100 blanked val words per length, each given with its line and the two before; {how}')
         for length, exact, chars, n_cand in infill_accuracy(model, tok, text[:split], text[split:], **opts):
             print(f'  {length}-letter words: {exact:.0%} exact, {chars:.0%} of letters right')
@@ -1410,7 +1484,7 @@ TRAIN_FLAGS = ('batch_size', 'max_iters', 'lr', 'min_lr', 'warmup_iters', 'weigh
                'complementary')                                                # may change on --resume
 FLAG_NAMES = {'causal': 'gpt', 'use_time': 'time'}    # dest -> the flag a user types
 SAMPLER_FLAGS = {'choice_temperature': 'confidence', 'threshold': 'threshold', 'remask': 'ancestral'}  # -> its rule
-DIFFUSION_ONLY = ('use_time', 't_proposal', 'complementary', 'steps', 'rule', 'show', 'semi_ar',
+DIFFUSION_ONLY = ('use_time', 't_proposal', 'complementary', 'steps', 'rule', 'show', 'semi_ar', 'best_of',
                   *SAMPLER_FLAGS)                                              # meaningless for a GPT
 
 def flag(name):
@@ -1432,6 +1506,7 @@ def build_parser():
     mode.add_argument('--show-noise', metavar='TEXT', help='print the forward process on TEXT')
     mode.add_argument('--plot', action='store_true', help='plot <out-dir>/log.csv')
     mode.add_argument('--bench', action='store_true', help='measure training and sampling speed')
+    mode.add_argument('--frontier', action='store_true', help='score sampler settings with --judge DIR (a GPT)')
     m = p.add_argument_group('model (default: from --preset)')
     m.add_argument('--preset', choices=['auto', 'base', 'tiny'], default='auto',
                    help='auto: base on cuda/mps, tiny on cpu')
@@ -1480,6 +1555,8 @@ def build_parser():
                    help='--rule threshold: commit every proposal surer than P (default 0.9)')
     g.add_argument('--remask', type=probability, metavar='ETA',
                    help='--rule ancestral: ReMDM-cap remasking, at most ETA per step (default 0)')
+    g.add_argument('--best-of', type=positive_int, metavar='N',
+                   help='--infill: draw N fills, keep the one the model finds likeliest (default 1)')
     g.add_argument('--semi-ar', type=positive_int, metavar='N',
                    help='commit N characters at a time, left to right, --steps steps each (LLaDA)')
     g.add_argument('--num-samples', type=positive_int, default=1)
@@ -1541,6 +1618,8 @@ def main(argv=None):
             return run_eval(args)
         if args.score is not None:
             return run_score(args)
+        if args.frontier:
+            return run_frontier(args)
         return run_generation(args)
     except CliError as e:
         print(f'error: {e}', file=sys.stderr)

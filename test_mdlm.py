@@ -1208,3 +1208,28 @@ def test_infill_accuracy_runs_for_both_kinds(text, tok):
                                     rule='ancestral', generator=torch.Generator().manual_seed(0)) \
             if not model.config.causal else mdlm.infill_accuracy(model, tok, text[:200000], text[split:], lengths=(1, 3), n=2)
         assert [r[0] for r in rows] == [1, 3] and all(0 <= r[1] <= r[2] <= 1 for r in rows)
+
+def test_window_bound_shares_masks_across_rows():
+    """Same masks for every row: two equal rows get equal bounds, and one row's bound is the
+    mean of the exact-k estimates drawn with the same generator."""
+    model = tiny_model(use_time=False)
+    x0 = torch.randint(65, (1, 32), generator=torch.Generator().manual_seed(0))
+    both = mdlm.window_bound(model, x0.repeat(2, 1), 16, torch.Generator().manual_seed(1))
+    assert both[0] == both[1]
+    ref = mdlm.nelbo_per_seq(model, x0.expand(16, -1), torch.Generator().manual_seed(1)).mean()
+    assert both[0].item() == pytest.approx(ref.item(), abs=1e-5)
+
+def test_best_of_keeps_the_fill_the_bound_prefers(monkeypatch):
+    model = tiny_model()
+    ids = [1] * 10 + [65] * 5 + [2] * 10
+    drawn = {}
+    real_generate = mdlm.generate
+    def spy(model, x, *a, **k):
+        out = real_generate(model, x, *a, **k)
+        drawn['x'] = out[0].clone()
+        return out
+    monkeypatch.setattr(mdlm, 'generate', spy)
+    monkeypatch.setattr(mdlm, 'window_bound', lambda m, x, draws, g: torch.tensor([3., 1., 2., 0., 5., 4.]))
+    out, _ = mdlm.infill(model, ids, 2, 8, 'ancestral', best_of=3, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 25) and not (out == 65).any()
+    assert torch.equal(out[0], drawn['x'][1]) and torch.equal(out[1], drawn['x'][3]), 'the lowest bound in each group'
