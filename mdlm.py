@@ -8,16 +8,20 @@ masked-token prediction with one change: the fraction of masked tokens is drawn 
 sequence, from 0 to 1, and the losses are weighted so that their sum is an upper bound on the
 negative log-likelihood (MDLM, Sahoo et al. 2024; LLaDA, Nie et al. 2025).
 
-Read this file top to bottom: config, data, the forward (masking) process, the model, the loss,
-training, sampling, prompt completion and infilling, evaluation, command line. (Python resolves
-names when a function runs, so train() may call estimate_nelbo, which is explained later.)
+Read this file top to bottom: config, data, the forward (masking) process, the model, the loss
+(and the GPT twin, the same network made causal: the yardstick), training, sampling, prompt
+completion and infilling, evaluation, command line. (Python resolves names when a function runs,
+so train() may call estimate_loss, which is explained later.)
 
     pip install -r requirements.txt
-    python mdlm.py --train                    # CPU: the 'tiny' preset, a few minutes
+    python mdlm.py --train                    # CPU: the 'tiny' preset, under 450 s on 2 cores
+    python mdlm.py --train --gpt              # its GPT twin, same shape and steps, into out-gpt/
     python mdlm.py --sample --show            # watch text come out of pure [MASK] noise
+    python mdlm.py --sample --judge out-gpt   # ... and let the GPT say how plausible it is
     python mdlm.py --complete "ROMEO:"        # prompt completion
     python mdlm.py --infill "To [___] or not to [___]"
     python mdlm.py --eval                     # the likelihood bound, in bits per character
+    python mdlm.py --eval --out-dir out-gpt   # the GPT's exact likelihood on the same windows
     python mdlm.py --train --preset base      # the lesson's full model (a GPU: 11.9M params)
     torchrun --standalone --nproc_per_node=8 mdlm.py --train    # several GPUs (batch is per GPU)
 """
@@ -56,18 +60,22 @@ class ModelConfig:
     rope: bool = True        # rotary position embeddings (False: learned absolute positions)
     causal: bool = False     # True: the GPT twin (attends only to the left; see "the GPT twin" below)
 
+TINY_BF16_ITERS, TINY_FP32_ITERS = 5400, 2700   # steps that fit 450 s on a 2-core CPU with / without native bf16
 # 'base' is the lesson's model, shaped like nanoGPT's char-level Shakespeare GPT (6 x 384, context
 # 256, dropout 0.2): 11.87M parameters with time conditioning, 10.65M without, both in the
 # lesson's 10-20M range. 'tiny' (1.09M) is sized so that `python mdlm.py --train` finishes in
 # under 450 s on a 2-core laptop CPU (367 s measured, see README).
 PRESETS = {
-    'base': dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2,
+    'base': dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, use_time=True,
                  batch_size=64, max_iters=5000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
                  eval_interval=250, eval_iters=50, log_interval=10),
-    'tiny': dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0,
-                 batch_size=32, max_iters=3000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
-                 eval_interval=500, eval_iters=20, log_interval=100),
+    'tiny': dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, use_time=False,
+                 batch_size=32, max_iters=(TINY_BF16_ITERS, TINY_FP32_ITERS), lr=2e-3, min_lr=1e-4,
+                 warmup_iters=100, eval_interval=500, eval_iters=20, log_interval=100),
 }
+# what every preset shares; a flag given on the command line wins over both
+DEFAULTS = dict(causal=False, rope=True, weight_decay=0.1, grad_accum=1, schedule='wsd', t_proposal='cosine',
+                complementary=False)
 EPS = 1e-3          # training draws t from [EPS, 1]: t = 0 would mask nothing and weigh 1/t = inf
 EVAL_SEED = 1234    # every evaluation (training log, --eval) scores the same windows with the same masks
 MASK_GLYPH = '■'    # how a [MASK] is drawn on screen
@@ -185,8 +193,8 @@ def show_noise(text, tok, seed=0):
 #   3) the output never predicts [MASK] (the "SUBS" parameterisation of MDLM).
 # Positions use rotary embeddings (RoPE, as MDLM's DiT does): attention scores then depend on the
 # distance between two characters, so "the character just left of me" is one learned pattern,
-# not one per position. Measured at the default CPU budget (3000 steps): val NELBO 2.18 with
-# RoPE, 2.41 with learned absolute positions (--no-rope). See README.
+# not one per position. At a 3000-step CPU budget it was worth 0.23 nats/char over learned
+# absolute positions (--no-rope; see README).
 
 def rope_tables(block_size, head_dim, base=10000.0):
     """cos and sin of position * frequency, (T, head_dim / 2): one rotation angle per pair."""
@@ -558,14 +566,17 @@ def any_rank(flag, device, world):
     dist.all_reduce(f, op=dist.ReduceOp.MAX)
     return f.item() > 0
 
-def compiled_or_eager(model, batch_size, config, device, log):
-    """torch.compile, tried at once on one forward and backward of the training shape (so its
-    compile time falls inside the run's wall time); if it cannot compile, one line and eager."""
+def compiled_or_eager(model, batch_size, config, device, autocast, log):
+    """torch.compile, tried at once on one forward and backward of the training shape and
+    precision (so its compile time falls inside the run's wall time, and is spent once); if it
+    cannot compile, one line and eager."""
     try:
         compiled = torch.compile(model)
         xt = torch.full((batch_size, config.block_size), config.vocab_size - 1, device=device)
         t = None if config.causal else torch.full((batch_size,), 0.5, device=device)
-        compiled(xt, t)[..., :-1].sum().backward()
+        with autocast():
+            out = compiled(xt, t)[..., :-1].sum()
+        out.backward()
         model.zero_grad(set_to_none=True)
         return compiled
     except Exception as e:
@@ -615,18 +626,20 @@ def train(args):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     raw_model = model                # what gets saved: never the compiled or DDP-wrapped one
-    if args.compile:
-        model = compiled_or_eager(model, args.batch_size, config, device, log)
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        model = DistributedDataParallel(model, device_ids=[device] if device.startswith('cuda') else None)
     autocast, fused = fast_path(device, args.dtype, config.dropout)
     for block in raw_model.blocks:
         block.attn.fused = fused
+    if args.compile:
+        model = compiled_or_eager(model, args.batch_size, config, device, autocast, log)
+    compiled = model is not raw_model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        model = DistributedDataParallel(model, device_ids=[device] if device.startswith('cuda') else None)
     log(f'device {device}{f" x {world}" if world > 1 else ""} | preset {preset} | {kind_name(config)} | '
         f'{raw_model.num_params() / 1e6:.2f}M parameters | {asdict(config)}')
     log(f'fast path: {"bfloat16 autocast" if autocast is not contextlib.nullcontext else "float32"}, '
-        f'{"fused" if fused else "manual"} attention; evaluations in float32')
+        f'{"fused" if fused else "manual"} attention{", torch.compile" if compiled else ""}; '
+        f'evaluations in float32')
 
     def check_finite(loss, iteration):
         """A non-finite loss ends the run before anything is saved: the last good checkpoint stays."""
@@ -1509,7 +1522,7 @@ def build_parser():
     mode.add_argument('--frontier', action='store_true', help='score sampler settings with --judge DIR (a GPT)')
     m = p.add_argument_group('model (default: from --preset)')
     m.add_argument('--preset', choices=['auto', 'base', 'tiny'], default='auto',
-                   help='auto: base on cuda/mps, tiny on cpu')
+                   help='auto: base on cuda, tiny on cpu and mps')
     m.add_argument('--n-layer', type=positive_int)
     m.add_argument('--n-head', type=positive_int)
     m.add_argument('--n-embd', type=positive_int)
@@ -1541,7 +1554,8 @@ def build_parser():
     t.add_argument('--complementary', action=argparse.BooleanOptionalAction, default=None,
                    help='each window twice, with complementary masks (default off)')
     t.add_argument('--resume', action='store_true', help='continue from <out-dir>/ckpt.pt')
-    t.add_argument('--compile', action='store_true', help='torch.compile the model')
+    t.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
+                   help='torch.compile the model (default: on a CPU with native bf16, where it was measured faster)')
     g = p.add_argument_group('generation')
     g.add_argument('--steps', type=positive_int, help='denoising steps per block (default 64)')
     g.add_argument('--rule', choices=RULES, help=f'which proposals to commit (default {RULES[0]}; see README)')
@@ -1573,17 +1587,20 @@ def build_parser():
 
 def resolve(args, device):
     """Fill the flags left unset from the preset."""
-    preset = args.preset if args.preset != 'auto' else ('tiny' if device.split(':')[0] == 'cpu' else 'base')
-    for k, v in PRESETS[preset].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    preset = args.preset if args.preset != 'auto' else ('base' if device.split(':')[0] == 'cuda' else 'tiny')
     if args.causal:
         given = [flag(k) for k in DIFFUSION_ONLY if k in args.explicit]
         if given:
             raise CliError(f'{given[0]} means nothing for a GPT (it has no noise level and writes left to right)')
-    for k, v in dict(causal=False, use_time=not args.causal, rope=True, weight_decay=0.1, grad_accum=1,
-                     schedule='cosine', t_proposal='uniform', complementary=False).items():
-        if getattr(args, k) is None:
+    values = {**DEFAULTS, **PRESETS[preset]}
+    if args.causal:                      # the GPT twin: no time input
+        values['use_time'] = False
+    cpu_bf16 = device.split(':')[0] == 'cpu' and (args.dtype == 'bfloat16' or args.dtype == 'auto' and cpu_has_bf16())
+    values['compile'] = cpu_bf16         # measured faster there (warm-up included); elsewhere not measured or slower
+    if isinstance(values['max_iters'], tuple):   # (steps with native bf16 or a GPU, steps in float32 on a CPU)
+        values['max_iters'] = values['max_iters'][device.split(':')[0] == 'cpu' and not cpu_bf16]
+    for k, v in values.items():
+        if hasattr(args, k) and getattr(args, k) is None:
             setattr(args, k, v)
     if args.n_embd % args.n_head or (args.n_embd // args.n_head) % 2:
         raise CliError(f'--n-embd {args.n_embd} must split into --n-head {args.n_head} heads of even size')

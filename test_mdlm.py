@@ -25,7 +25,16 @@ import mdlm
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = mdlm.DEFAULT_DATA
 TINY = ['--n-layer', '2', '--n-head', '2', '--n-embd', '32', '--block-size', '32', '--batch-size', '8',
-        '--eval-iters', '2', '--device', 'cpu', '--data', DATA]
+        '--eval-iters', '2', '--dtype', 'float32', '--device', 'cpu', '--data', DATA]   # float32: no compile
+
+@pytest.fixture(scope='session', autouse=True)
+def float32_cpu():
+    """Every test runs the float32 path, whatever this CPU has: the same digits on both CPU kinds,
+    and no test compiles (compile is the default only with native bf16). Tests of the bf16 path
+    patch this back."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mdlm, 'cpu_has_bf16', lambda: False)
+        yield
 
 def tiny_model(use_time=True, rope=True, vocab_size=66, block_size=32, seed=0, dropout=0.0):
     torch.manual_seed(seed)
@@ -1233,3 +1242,24 @@ def test_best_of_keeps_the_fill_the_bound_prefers(monkeypatch):
     out, _ = mdlm.infill(model, ids, 2, 8, 'ancestral', best_of=3, generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 25) and not (out == 65).any()
     assert torch.equal(out[0], drawn['x'][1]) and torch.equal(out[1], drawn['x'][3]), 'the lowest bound in each group'
+
+def test_auto_preset_picks_the_fast_path_steps_and_compile_by_capability(monkeypatch):
+    """With native bf16 the tiny preset compiles and takes more steps; without, float32 eager and
+    fewer steps, so that both fit the same wall budget. A GPU gets base; mps the tiny preset."""
+    def resolved(bf16, device='cpu', *argv):
+        monkeypatch.setattr(mdlm, 'cpu_has_bf16', lambda: bf16)
+        args = mdlm.build_parser().parse_args(['--train', *argv])
+        args.explicit = {k for k, v in vars(args).items() if v is not None}
+        return mdlm.resolve(args, device), args
+    preset, args = resolved(True)
+    assert preset == 'tiny' and args.compile and args.max_iters == mdlm.TINY_BF16_ITERS
+    assert args.schedule == 'wsd' and args.t_proposal == 'cosine' and args.use_time is False and args.lr == 2e-3
+    _, args = resolved(False)
+    assert not args.compile and args.max_iters == mdlm.TINY_FP32_ITERS < mdlm.TINY_BF16_ITERS
+    _, args = resolved(True, 'cpu', '--dtype', 'float32')
+    assert not args.compile and args.max_iters == mdlm.TINY_FP32_ITERS
+    _, args = resolved(True, 'cpu', '--no-compile', '--max-iters', '7')
+    assert not args.compile and args.max_iters == 7, 'flags win'
+    assert resolved(False, 'mps')[0] == 'tiny' and resolved(False, 'cuda')[0] == 'base'
+    _, args = resolved(False, 'cuda', '--gpt')
+    assert args.use_time is False and args.causal
