@@ -29,6 +29,7 @@ so train() may call estimate_loss, which is explained later.)
 import argparse
 import contextlib
 import csv
+import glob
 import hashlib
 import math
 import os
@@ -593,6 +594,10 @@ def train(args):
     preset = resolve(args, device.split(':')[0])
     ckpt_path, log_path = os.path.join(args.out_dir, 'ckpt.pt'), os.path.join(args.out_dir, 'log.csv')
     ckpt = load_checkpoint(ckpt_path) if args.resume else None
+    if master:    # a save killed mid-write leaves its temporary file; this run owns the directory now
+        for stale in glob.glob(os.path.join(glob.escape(args.out_dir), '.ckpt-*.tmp')):
+            with contextlib.suppress(OSError):
+                os.remove(stale)
 
     # 1) the model's shape and the training flags: a resumed run's come from its checkpoint
     if ckpt:

@@ -1263,3 +1263,9 @@ def test_auto_preset_picks_the_fast_path_steps_and_compile_by_capability(monkeyp
     assert resolved(False, 'mps')[0] == 'tiny' and resolved(False, 'cuda')[0] == 'base'
     _, args = resolved(False, 'cuda', '--gpt')
     assert args.use_time is False and args.causal
+
+def test_train_removes_temporary_files_of_a_killed_save(tmp_path):
+    (tmp_path / '.ckpt-abc123.tmp').write_bytes(b'half a checkpoint')
+    (tmp_path / 'keep.txt').write_text('not ours')
+    assert mdlm.main(['--train', '--max-iters', '0', '--out-dir', str(tmp_path), *TINY]) == 0
+    assert sorted(os.listdir(tmp_path)) == ['ckpt.pt', 'keep.txt', 'log.csv']
