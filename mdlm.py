@@ -752,7 +752,10 @@ def train(args):
 # logits, so we reuse them (MDLM's cache, per row); with more steps than masks most are skipped.
 # `calls` counts the model's work: one per row per pass (a cached row costs nothing).
 
-RULES = ('ancestral', 'confidence', 'threshold', 'random')   # the first is the default (see README)
+RULES = ('ancestral', 'confidence', 'threshold', 'random')
+# --sample, --complete and --infill with no sampler flag: measured against the GPT judge (README's
+# frontier), confidence in semi-autoregressive blocks of 8, one character a step, read best.
+DEFAULT_SAMPLER = dict(rule='confidence', steps=8, semi_ar=8)
 
 def propose(logits, temperature, top_k, generator, top_p=1.0):
     """Sample a token per position from softmax(logits / temperature) by Gumbel-max in float64
@@ -1128,14 +1131,16 @@ def run_generation(args):
 
 def sampler_options(args, generator, on_step=None):
     """The diffusion sampler's flags as generate's keyword arguments; a flag for another rule is refused."""
-    rule = args.rule or RULES[0]
+    if not {'rule', 'steps', 'semi_ar'} & args.explicit:
+        plan = DEFAULT_SAMPLER                  # nothing chosen: the frontier's pick (README)
+    else:                                       # anything chosen: plain blocks, 64 steps, unless said
+        plan = dict(rule=args.rule or DEFAULT_SAMPLER['rule'], steps=args.steps or 64, semi_ar=args.semi_ar)
     for name, its_rule in SAMPLER_FLAGS.items():
-        if name in args.explicit and rule != its_rule:
-            raise CliError(f'{flag(name)} is for --rule {its_rule}, not {rule}')
-    return dict(steps=args.steps or 64, rule=rule, temperature=args.temperature, top_k=args.top_k,
-                generator=generator, on_step=on_step, top_p=args.top_p or 1.0,
-                choice_temperature=args.choice_temperature or 0.0, threshold=args.threshold or 0.9,
-                remask=args.remask or 0.0, semi_ar=args.semi_ar)
+        if name in args.explicit and plan['rule'] != its_rule:
+            raise CliError(f'{flag(name)} is for --rule {its_rule}, not {plan["rule"]}')
+    return dict(plan, temperature=args.temperature, top_k=args.top_k, generator=generator, on_step=on_step,
+                top_p=args.top_p or 1.0, choice_temperature=args.choice_temperature or 0.0,
+                threshold=args.threshold or 0.9, remask=args.remask or 0.0)
 
 def load_judge(out_dir, tok, device):
     """--judge DIR: the GPT checkpoint that scores samples; it must read the same characters."""
@@ -1180,6 +1185,10 @@ FRONTIER = [
     ('confidence, choice temperature 1', dict(rule='confidence', choice_temperature=1.0)),
     ('confidence, choice temperature 4', dict(rule='confidence', choice_temperature=4.0)),
     ('confidence, semi-ar 8', dict(rule='confidence', semi_ar=8, steps=8)),
+    ('confidence, semi-ar 8, 4 steps', dict(rule='confidence', semi_ar=8, steps=4)),
+    ('confidence, semi-ar 16, 8 steps', dict(rule='confidence', semi_ar=16, steps=8)),
+    ('confidence, semi-ar 8, choice temperature 1', dict(rule='confidence', semi_ar=8, steps=8, choice_temperature=1.0)),
+    ('threshold 0.5, semi-ar 8', dict(rule='threshold', threshold=0.5, semi_ar=8, steps=8)),
     ('threshold 0.9', dict(rule='threshold', threshold=0.9)), ('threshold 0.5', dict(rule='threshold', threshold=0.5)),
 ]
 
@@ -1201,9 +1210,9 @@ def run_frontier(args):
     rows.append(('the GPT twin (judge) itself', *judge_figures(judge, out), calls / (B * L)))
     rows.append(('real val text', *judge_figures(judge, real_val_text(args, tok, out)), float('nan')))
     print(f'{B} samples x {L} chars, seed {args.seed}; judge {args.judge}')
-    print(f'{"setting":38} {"bits/char":>9} {"entropy":>8} {"calls/char":>10}')
+    print(f'{"setting":46} {"bits/char":>9} {"entropy":>8} {"calls/char":>10}')
     for name, bits, entropy, per_char in rows:
-        print(f'{name:38} {bits:9.3f} {entropy:8.2f} {per_char:10.2f}')
+        print(f'{name:46} {bits:9.3f} {entropy:8.2f} {per_char:10.2f}')
     try:
         import matplotlib
         matplotlib.use('Agg')
@@ -1239,7 +1248,8 @@ def run_eval(args):
         opts = {} if model.config.causal else dict(
             sampler_options(args, torch.Generator(device=device).manual_seed(args.seed)), best_of=args.best_of or 1)
         how = ('ranks every training word of the length (the GPT cannot see past the blank)' if model.config.causal
-               else f'fills with --infill\'s sampler: {opts["rule"]}, {opts["steps"]} steps, best of {opts["best_of"]}')
+               else f'fills with --infill\'s sampler: {opts["rule"]}, {opts["steps"]} steps, semi-ar '
+                    f'{opts["semi_ar"]}, best of {opts["best_of"]}')
         print(f'infill: 100 blanked val words per length, each given with its line and the two before; {how}')
         for length, exact, chars, n_cand in infill_accuracy(model, tok, text[:split], text[split:], **opts):
             print(f'  {length}-letter words: {exact:.0%} exact, {chars:.0%} of letters right')
@@ -1562,8 +1572,10 @@ def build_parser():
     t.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
                    help='torch.compile the model (default: on a CPU with native bf16, where it was measured faster)')
     g = p.add_argument_group('generation')
-    g.add_argument('--steps', type=positive_int, help='denoising steps per block (default 64)')
-    g.add_argument('--rule', choices=RULES, help=f'which proposals to commit (default {RULES[0]}; see README)')
+    g.add_argument('--steps', type=positive_int, help='denoising steps per block (default: 8 with the default '
+                   'sampler, 64 once --rule or --semi-ar is given)')
+    g.add_argument('--rule', choices=RULES, help='which proposals to commit (default: confidence in --semi-ar 8 '
+                   'blocks, 8 steps each; see README)')
     g.add_argument('--temperature', type=nonneg_float, default=1.0, help='0: argmax')
     g.add_argument('--top-k', type=positive_int)
     g.add_argument('--top-p', type=unit_float, help='nucleus: sample from the fewest tokens whose '

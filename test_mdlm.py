@@ -1152,7 +1152,8 @@ def test_semi_ar_with_the_whole_length_is_one_block_and_goes_left_to_right():
 
 def test_sampler_flags_with_the_wrong_rule_are_refused(trained, capsys):
     for argv, needle in [(['--remask', '0.01', '--rule', 'confidence'], '--remask is for --rule ancestral'),
-                         (['--choice-temperature', '1'], '--choice-temperature is for --rule confidence'),
+                         (['--choice-temperature', '1', '--rule', 'ancestral'], '--choice-temperature is for --rule confidence'),
+                         (['--remask', '0.01'], '--remask is for --rule ancestral, not confidence'),
                          (['--threshold', '0.5', '--rule', 'random'], '--threshold is for --rule threshold')]:
         assert mdlm.main(['--sample', '--out-dir', trained, '--device', 'cpu', *argv]) == 1
         assert needle in capsys.readouterr().err
@@ -1269,3 +1270,13 @@ def test_train_removes_temporary_files_of_a_killed_save(tmp_path):
     (tmp_path / 'keep.txt').write_text('not ours')
     assert mdlm.main(['--train', '--max-iters', '0', '--out-dir', str(tmp_path), *TINY]) == 0
     assert sorted(os.listdir(tmp_path)) == ['ckpt.pt', 'keep.txt', 'log.csv']
+
+def test_default_sampler_is_the_frontier_pick_until_a_sampler_flag_is_given():
+    def opts(*argv):
+        args = mdlm.build_parser().parse_args(['--sample', *argv])
+        args.explicit = {k for k, v in vars(args).items() if v is not None}
+        return mdlm.sampler_options(args, None)
+    assert {k: opts()[k] for k in ('rule', 'steps', 'semi_ar')} == mdlm.DEFAULT_SAMPLER
+    assert {k: opts('--rule', 'ancestral')[k] for k in ('rule', 'steps', 'semi_ar')} == \
+        dict(rule='ancestral', steps=64, semi_ar=None)
+    assert opts('--steps', '16')['rule'] == 'confidence' and opts('--steps', '16')['semi_ar'] is None
