@@ -519,7 +519,7 @@ def resume_config(ckpt, args):
                            f'the checkpoint was trained with {saved.get(name, False)}')
     changed = []
     for name in TRAIN_FLAGS:
-        saved_value = ckpt['args'].get(name, getattr(args, name))
+        saved_value = ckpt['args'].get(name, BEFORE_FLAG.get(name, getattr(args, name)))
         if name not in args.explicit:
             setattr(args, name, saved_value)
         elif getattr(args, name) != saved_value:
@@ -1511,6 +1511,7 @@ TRAIN_FLAGS = ('batch_size', 'max_iters', 'lr', 'min_lr', 'warmup_iters', 'weigh
                'eval_interval', 'eval_iters', 'log_interval', 'schedule', 't_proposal',
                'complementary')                                                # may change on --resume
 FLAG_NAMES = {'causal': 'gpt', 'use_time': 'time'}    # dest -> the flag a user types
+BEFORE_FLAG = dict(schedule='cosine', t_proposal='uniform', complementary=False)   # checkpoints older than these flags
 SAMPLER_FLAGS = {'choice_temperature': 'confidence', 'threshold': 'threshold', 'remask': 'ancestral'}  # -> its rule
 DIFFUSION_ONLY = ('use_time', 't_proposal', 'complementary', 'steps', 'rule', 'show', 'semi_ar', 'best_of',
                   *SAMPLER_FLAGS)                                              # meaningless for a GPT

@@ -1280,3 +1280,23 @@ def test_default_sampler_is_the_frontier_pick_until_a_sampler_flag_is_given():
     assert {k: opts('--rule', 'ancestral')[k] for k in ('rule', 'steps', 'semi_ar')} == \
         dict(rule='ancestral', steps=64, semi_ar=None)
     assert opts('--steps', '16')['rule'] == 'confidence' and opts('--steps', '16')['semi_ar'] is None
+
+def test_resuming_an_older_checkpoint_keeps_the_recipe_it_was_trained_with(tmp_path, capsys):
+    """Checkpoints from before --schedule and --t-proposal trained with cosine and uniform t."""
+    assert mdlm.main(['--train', '--max-iters', '2', '--eval-interval', '2', '--out-dir', str(tmp_path), *TINY]) == 0
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    for k in ('schedule', 't_proposal', 'complementary'):
+        del ckpt['args'][k]
+    torch.save(ckpt, tmp_path / 'ckpt.pt')
+    seen = {}
+    real = mdlm.training_batch
+    def spy(*a, **k):
+        seen['proposal'] = a[6]
+        return real(*a, **k)
+    mdlm.training_batch = spy
+    try:
+        assert mdlm.main(['--train', '--resume', '--max-iters', '4', '--eval-interval', '2', '--out-dir', str(tmp_path),
+                          '--device', 'cpu']) == 0
+    finally:
+        mdlm.training_batch = real
+    assert seen['proposal'] == 'uniform' and torch.load(tmp_path / 'ckpt.pt', weights_only=True)['args']['schedule'] == 'cosine'
