@@ -64,8 +64,8 @@ class ModelConfig:
 TINY_BF16_ITERS, TINY_FP32_ITERS = 5400, 2700   # steps that fit 450 s on a 2-core CPU with / without native bf16
 # 'base' is the lesson's model, shaped like nanoGPT's char-level Shakespeare GPT (6 x 384, context
 # 256, dropout 0.2): 11.87M parameters with time conditioning, 10.65M without, both in the
-# lesson's 10-20M range. 'tiny' (1.09M) is sized so that `python mdlm.py --train` finishes in
-# under 450 s on a 2-core laptop CPU (367 s measured, see README).
+# lesson's 10-20M range. 'tiny' (0.80M, no time conditioning) is sized so that `python mdlm.py
+# --train` finishes in under 450 s on a 2-core laptop CPU (352 s measured with native bf16, see README).
 PRESETS = {
     'base': dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, use_time=True,
                  batch_size=64, max_iters=5000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
@@ -1076,6 +1076,9 @@ def load_for_inference(args):
     device = pick_device(args.device)
     ckpt = load_checkpoint(os.path.join(args.out_dir, 'ckpt.pt'))
     model, tok = model_from_checkpoint(ckpt, device)
+    given = [flag(k) for k in DIFFUSION_ONLY if k in args.explicit]
+    if model.config.causal and given:
+        raise CliError(f'{given[0]} means nothing for a GPT (it writes left to right, one character a pass)')
     print(f'loaded {args.out_dir}/ckpt.pt: step {ckpt["iter"]}, {model.num_params() / 1e6:.2f}M parameters, '
           f'device {device}', file=sys.stderr)
     return model, tok, ckpt
@@ -1099,11 +1102,10 @@ def run_generation(args):
         if args.infill is not None:
             raise CliError('a GPT cannot fill blanks: it never sees the text to the right of one; '
                            'use a diffusion model')
-        given = [flag(k) for k in DIFFUSION_ONLY if k in args.explicit]
-        if given:
-            raise CliError(f'{given[0]} means nothing for a GPT (it writes left to right, one character a pass)')
     if args.judge is not None and args.infill is not None:
         raise CliError('--judge scores --sample and --complete, not --infill')
+    if args.best_of is not None and args.infill is None:
+        raise CliError('--best-of is for --infill (and --eval --infill-eval)')
     judge = load_judge(args.judge, tok, device) if args.judge is not None else None
     g = torch.Generator(device=device).manual_seed(args.seed)
     opts = sampler_options(args, g, show_frames(tok) if args.show else None)
@@ -1140,7 +1142,7 @@ def sampler_options(args, generator, on_step=None):
             raise CliError(f'{flag(name)} is for --rule {its_rule}, not {plan["rule"]}')
     return dict(plan, temperature=args.temperature, top_k=args.top_k, generator=generator, on_step=on_step,
                 top_p=args.top_p or 1.0, choice_temperature=args.choice_temperature or 0.0,
-                threshold=args.threshold or 0.9, remask=args.remask or 0.0)
+                threshold=0.9 if args.threshold is None else args.threshold, remask=args.remask or 0.0)
 
 def load_judge(out_dir, tok, device):
     """--judge DIR: the GPT checkpoint that scores samples; it must read the same characters."""
@@ -1196,6 +1198,8 @@ def run_frontier(args):
     """--frontier --judge DIR: every FRONTIER setting from the same seed, scored by the judge:
     bits/char, unigram entropy, model calls per character; a table and <out-dir>/frontier.png."""
     model, tok, _ = load_for_inference(args)
+    if model.config.causal:
+        raise CliError(f'{args.out_dir}/ckpt.pt is a GPT: --frontier compares the diffusion sampler\'s settings')
     if args.judge is None:
         raise CliError('--frontier needs --judge DIR: the GPT checkpoint that scores the samples')
     device = next(model.parameters()).device
@@ -1218,6 +1222,7 @@ def run_frontier(args):
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
     except ImportError:
+        print('no frontier.png: matplotlib is not installed (pip install -r requirements.txt)')
         return 0
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, bits, entropy, _ in rows:
@@ -1545,7 +1550,7 @@ def build_parser():
     m.add_argument('--block-size', type=positive_int)
     m.add_argument('--dropout', type=probability)
     m.add_argument('--time', dest='use_time', action=argparse.BooleanOptionalAction, default=None,
-                   help='condition on t through adaLN (default: on; --no-time: the model sees only the masks)')
+                   help='condition on t through adaLN (default: from the preset, off for tiny; --no-time: the model sees only the masks)')
     m.add_argument('--rope', action=argparse.BooleanOptionalAction, default=None,
                    help='rotary positions (default: on; --no-rope: learned absolute positions)')
     m.add_argument('--gpt', dest='causal', action='store_true', default=None,
@@ -1563,10 +1568,10 @@ def build_parser():
     t.add_argument('--warmup-iters', type=nonneg_int)
     t.add_argument('--weight-decay', type=nonneg_float, help='AdamW, on matrices only (default 0.1)')
     t.add_argument('--grad-accum', type=positive_int, help='micro-batches per step (default 1)')
-    t.add_argument('--schedule', choices=['cosine', 'wsd'], help='lr after warmup (default cosine; '
-                   'wsd: stable, then linear decay over the last 20%%)')
+    t.add_argument('--schedule', choices=['cosine', 'wsd'], help='lr after warmup (default wsd: stable, then '
+                   'linear decay over the last 20%%; cosine: cosine decay)')
     t.add_argument('--t-proposal', choices=T_PROPOSALS, help='the density training draws t from, '
-                   'importance-weighted so the loss stays the NELBO (default uniform)')
+                   'importance-weighted so the loss stays the NELBO (default cosine)')
     t.add_argument('--complementary', action=argparse.BooleanOptionalAction, default=None,
                    help='each window twice, with complementary masks (default off)')
     t.add_argument('--resume', action='store_true', help='continue from <out-dir>/ckpt.pt')
@@ -1616,7 +1621,7 @@ def resolve(args, device):
     cpu_bf16 = device.split(':')[0] == 'cpu' and (args.dtype == 'bfloat16' or args.dtype == 'auto' and cpu_has_bf16())
     values['compile'] = cpu_bf16         # measured faster there (warm-up included); elsewhere not measured or slower
     if isinstance(values['max_iters'], tuple):   # (steps with native bf16 or a GPU, steps in float32 on a CPU)
-        values['max_iters'] = values['max_iters'][device.split(':')[0] == 'cpu' and not cpu_bf16]
+        values['max_iters'] = values['max_iters'][device.split(':')[0] != 'cuda' and not cpu_bf16]   # mps: float32
     for k, v in values.items():
         if hasattr(args, k) and getattr(args, k) is None:
             setattr(args, k, v)

@@ -1300,3 +1300,15 @@ def test_resuming_an_older_checkpoint_keeps_the_recipe_it_was_trained_with(tmp_p
     finally:
         mdlm.training_batch = real
     assert seen['proposal'] == 'uniform' and torch.load(tmp_path / 'ckpt.pt', weights_only=True)['args']['schedule'] == 'cosine'
+
+def test_more_refusals_for_the_wrong_kind_or_mode(trained, trained_gpt, capsys):
+    for argv, needle in [(['--eval', '--out-dir', trained_gpt, '--steps', '8'], '--steps means nothing for a GPT'),
+                         (['--frontier', '--out-dir', trained_gpt, '--judge', trained_gpt], 'is a GPT'),
+                         (['--sample', '--out-dir', trained, '--best-of', '4'], '--best-of is for --infill')]:
+        assert mdlm.main([*argv, '--device', 'cpu']) == 1
+        assert needle in capsys.readouterr().err
+
+def test_threshold_zero_is_taken_as_given():
+    args = mdlm.build_parser().parse_args(['--sample', '--rule', 'threshold', '--threshold', '0'])
+    args.explicit = {k for k, v in vars(args).items() if v is not None}
+    assert mdlm.sampler_options(args, None)['threshold'] == 0.0
