@@ -1085,11 +1085,12 @@ def load_for_inference(args):
 
 def show_frames(tok):
     """--show: each step's text, redrawn in place on a terminal, else printed as a history."""
-    tty = sys.stderr.isatty()
+    tty, frames = sys.stderr.isatty(), [0]     # frames counted here: semi-AR blocks restart i
     def on_step(i, x):
-        frame = '\n'.join(f'step {i + 1:4d} | {tok.decode(row.tolist())}'.replace('\n', '\u21b5')
+        frames[0] += 1
+        frame = '\n'.join(f'step {frames[0]:4d} | {tok.decode(row.tolist())}'.replace('\n', '\u21b5')
                           for row in x)
-        if tty and i > 0:
+        if tty and frames[0] > 1:
             sys.stderr.write(f'\x1b[{x.size(0)}F')    # cursor back up over the last frame
         sys.stderr.write(frame + '\n')
         sys.stderr.flush()
