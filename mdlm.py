@@ -76,7 +76,7 @@ PRESETS = {
 }
 # what every preset shares; a flag given on the command line wins over both
 DEFAULTS = dict(causal=False, rope=True, weight_decay=0.1, grad_accum=1, schedule='wsd', t_proposal='cosine',
-                complementary=False)
+                complementary=False, loss='nelbo')
 EPS = 1e-3          # training draws t from [EPS, 1]: t = 0 would mask nothing and weigh 1/t = inf
 EVAL_SEED = 1234    # every evaluation (training log, --eval) scores the same windows with the same masks
 MASK_GLYPH = '■'    # how a [MASK] is drawn on screen
@@ -345,11 +345,16 @@ def masked_ce(logits, x0, mask):
     ce = F.cross_entropy(logits.transpose(1, 2), x0, reduction='none')   # (B, T)
     return ce * mask
 
+def pooled_ce(logits, x0, mask):
+    """Masked CE averaged over every masked position of the batch: the intuitive denoising loss."""
+    return masked_ce(logits, x0, mask).sum() / mask.sum().clamp(min=1)
+
 def naive_loss(model, x0, generator=None):
-    """The lesson plan's loss: masked CE pooled over the batch. Not a bound (it over-weights large t)."""
+    """The first recipe: t ~ U(0, 1), masked CE pooled over the batch. Not a bound (it over-weights
+    large t, where most positions are masked). `--loss naive` trains with it."""
     t = torch.rand(x0.size(0), generator=generator, device=x0.device)
     xt, mask = forward_mask(x0, t, model.config.vocab_size - 1, generator)
-    return masked_ce(model(xt, t), x0, mask).sum() / mask.sum().clamp(min=1)
+    return pooled_ce(model(xt, t), x0, mask)
 
 def stratified(batch_size, generator, device):
     """(B,) numbers in [0, 1), one in each 1/B-th of it: one u ~ U(0,1) shifted by i / B.
@@ -442,10 +447,13 @@ def training_batch(data, n, block_size, mask_id, generator, causal, proposal='un
     xt, mask = forward_mask(x0, t, mask_id, generator)
     return x0, xt, mask, t, w
 
-def batch_loss(model, x0, xt, mask, t, w):
-    """The loss of one (micro-)batch from training_batch: the GPT's NLL or the NELBO."""
+def batch_loss(model, x0, xt, mask, t, w, loss='nelbo'):
+    """The loss of one (micro-)batch from training_batch: the GPT's NLL, the NELBO, or (loss='naive')
+    the pooled masked CE of the first recipe, which ignores the 1/t and importance weights."""
     logits = model(xt, t)
-    return gpt_loss(logits, x0) if mask is None else nelbo_loss(logits, x0, mask, t, w)
+    if mask is None:
+        return gpt_loss(logits, x0)
+    return pooled_ce(logits, x0, mask) if loss == 'naive' else nelbo_loss(logits, x0, mask, t, w)
 
 def save_checkpoint(path, ckpt):
     """Write to a temporary file beside `path`, fsync, then rename over it: a crash at any moment
@@ -702,7 +710,7 @@ def train(args):
                 rows = slice((micro * world + rank) * B, (micro * world + rank + 1) * B)   # this rank's B
                 sync = contextlib.nullcontext() if world == 1 or micro == G - 1 else model.no_sync()
                 with sync, autocast():
-                    micro_loss = batch_loss(model, *(a if a is None else a[rows] for a in batch)) / G
+                    micro_loss = batch_loss(model, *(a if a is None else a[rows] for a in batch), args.loss) / G
                 micro_loss.backward()
                 loss = loss + micro_loss.detach()                   # the step's mean over its micro-batches
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -1515,11 +1523,11 @@ def probability(s):
 ARCH_FLAGS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'use_time', 'rope', 'causal')   # fixed by a checkpoint
 TRAIN_FLAGS = ('batch_size', 'max_iters', 'lr', 'min_lr', 'warmup_iters', 'weight_decay', 'grad_accum',
                'eval_interval', 'eval_iters', 'log_interval', 'schedule', 't_proposal',
-               'complementary')                                                # may change on --resume
+               'complementary', 'loss')                                        # may change on --resume
 FLAG_NAMES = {'causal': 'gpt', 'use_time': 'time'}    # dest -> the flag a user types
-BEFORE_FLAG = dict(schedule='cosine', t_proposal='uniform', complementary=False)   # checkpoints older than these flags
+BEFORE_FLAG = dict(schedule='cosine', t_proposal='uniform', complementary=False, loss='nelbo')   # checkpoints older than these flags
 SAMPLER_FLAGS = {'choice_temperature': 'confidence', 'threshold': 'threshold', 'remask': 'ancestral'}  # -> its rule
-DIFFUSION_ONLY = ('use_time', 't_proposal', 'complementary', 'steps', 'rule', 'show', 'semi_ar', 'best_of',
+DIFFUSION_ONLY = ('use_time', 't_proposal', 'complementary', 'loss', 'steps', 'rule', 'show', 'semi_ar', 'best_of',
                   *SAMPLER_FLAGS)                                              # meaningless for a GPT
 
 def flag(name):
@@ -1573,6 +1581,8 @@ def build_parser():
                    'linear decay over the last 20%%; cosine: cosine decay)')
     t.add_argument('--t-proposal', choices=T_PROPOSALS, help='the density training draws t from, '
                    'importance-weighted so the loss stays the NELBO (default cosine)')
+    t.add_argument('--loss', choices=['nelbo', 'naive'], help='nelbo (default): the bound; naive: the first '
+                   'recipe, masked CE pooled over the batch with uniform t (evals still report the NELBO)')
     t.add_argument('--complementary', action=argparse.BooleanOptionalAction, default=None,
                    help='each window twice, with complementary masks (default off)')
     t.add_argument('--resume', action='store_true', help='continue from <out-dir>/ckpt.pt')
@@ -1617,6 +1627,8 @@ def resolve(args, device):
         if given:
             raise CliError(f'{given[0]} means nothing for a GPT (it has no noise level and writes left to right)')
     values = {**DEFAULTS, **PRESETS[preset]}
+    if args.loss == 'naive':             # the first recipe as taught: t uniform, unless --t-proposal says
+        values['t_proposal'] = 'uniform'
     if args.causal:                      # the GPT twin: no time input
         values['use_time'] = False
     cpu_bf16 = device.split(':')[0] == 'cpu' and (args.dtype == 'bfloat16' or args.dtype == 'auto' and cpu_has_bf16())

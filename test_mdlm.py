@@ -1312,3 +1312,18 @@ def test_threshold_zero_is_taken_as_given():
     args = mdlm.build_parser().parse_args(['--sample', '--rule', 'threshold', '--threshold', '0'])
     args.explicit = {k for k, v in vars(args).items() if v is not None}
     assert mdlm.sampler_options(args, None)['threshold'] == 0.0
+
+def test_loss_naive_trains_with_the_pooled_masked_ce(text, tok, tmp_path, capsys):
+    data = torch.tensor(tok.encode(text[:10000]))
+    batch = mdlm.training_batch(data, 8, 32, 65, torch.Generator().manual_seed(0), False)
+    model = tiny_model()
+    x0, xt, mask, t, w = batch
+    logits = model(xt, t)
+    pooled = (mdlm.masked_ce(logits, x0, mask).sum() / mask.sum()).item()
+    assert mdlm.batch_loss(model, *batch, 'naive').item() == pytest.approx(pooled, abs=1e-5)
+    assert mdlm.batch_loss(model, *batch).item() != pytest.approx(pooled, abs=1e-3), 'the NELBO weighs by 1/t'
+    assert mdlm.main(['--train', '--loss', 'naive', '--max-iters', '2', '--eval-interval', '2',
+                      '--out-dir', str(tmp_path), *TINY]) == 0
+    assert 'val nelbo' in capsys.readouterr().err, 'evaluated as a bound all the same'
+    ckpt = mdlm.load_checkpoint(str(tmp_path / 'ckpt.pt'))
+    assert ckpt['args']['loss'] == 'naive' and ckpt['args']['t_proposal'] == 'uniform'
