@@ -898,6 +898,11 @@ def gpt_generate(model, prefix, length, num_samples, temperature=1.0, top_k=None
         out = torch.cat([out, tokens[:, None]], 1)
     return out, length * num_samples
 
+def blank_window(p, q, n, T):
+    """Where the T-wide window around the blank [p, q) of a text of n starts: centred on the blank,
+    inside the text, and never past p (so the blank's first mask is in it)."""
+    return max(0, min((p + q - T) // 2, n - T, p))
+
 def infill(model, ids, num_samples, steps, rule, best_of=1, **options):
     """Fill the [MASK]s of ids (a list) in num_samples rows. A text longer than the context is
     filled blank by blank: each time, the block_size window centred on the first blank left (all
@@ -913,7 +918,7 @@ def infill(model, ids, num_samples, steps, rule, best_of=1, **options):
         p = masked.argmax().item()                                   # the first mask left ...
         rest = masked[p:]
         q = p + (rest.argmin().item() if (rest == 0).any() else len(rest))   # ... and the end of its blank
-        start = max(0, min((p + q - T) // 2, len(ids) - T, p))      # centred, inside the text, p in it
+        start = blank_window(p, q, len(ids), T)
         x[:, start:start + T], n = generate(model, x[:, start:start + T], steps, rule, **options)
         calls += n
         if best_of > 1:                                              # keep each sample's likeliest fill
@@ -976,8 +981,7 @@ def nelbo_per_seq(model, x0, generator):
 @torch.no_grad()
 def nll_per_seq(model, x0):
     """The GPT twin's exact negative log-likelihood per sequence (B,), in nats per character."""
-    logits = model(gpt_input(x0, model.config.vocab_size - 1), None)
-    return F.cross_entropy(logits.transpose(1, 2), x0, reduction='none').mean(1)
+    return gpt_nll_of_text(model, x0).mean(1)
 
 @torch.no_grad()
 def estimate_loss(model, data, n_batches, batch_size, seed=EVAL_SEED):
@@ -1040,7 +1044,7 @@ def infill_accuracy(model, tok, train_text, val_text, lengths=(1, 3, 5), n=100, 
         for text, start, word in blanked_words(val_text, length, n):
             ids = tok.encode(text[:start]) + [mask_id] * length + tok.encode(text[start + length:])
             if model.config.causal:
-                a = max(0, min((2 * start + length - T) // 2, len(ids) - T, start))   # infill's window
+                a = blank_window(start, start + length, len(ids), T)              # infill's window
                 rows_ = torch.tensor([tok.encode(text[a:start] + c + text[start + length:])[:T] for c in candidates],
                                      device=device)
                 nll = torch.cat([nll_per_seq(model, chunk) for chunk in rows_.split(256)])
@@ -1084,9 +1088,7 @@ def load_for_inference(args):
     device = pick_device(args.device)
     ckpt = load_checkpoint(os.path.join(args.out_dir, 'ckpt.pt'))
     model, tok = model_from_checkpoint(ckpt, device)
-    given = [flag(k) for k in DIFFUSION_ONLY if k in args.explicit]
-    if model.config.causal and given:
-        raise CliError(f'{given[0]} means nothing for a GPT (it writes left to right, one character a pass)')
+    refuse_diffusion_flags(args, model.config.causal)
     print(f'loaded {args.out_dir}/ckpt.pt: step {ckpt["iter"]}, {model.num_params() / 1e6:.2f}M parameters, '
           f'device {device}', file=sys.stderr)
     return model, tok, ckpt
@@ -1293,7 +1295,7 @@ def run_score(args):
         if model.config.causal:
             total += nll_per_seq(model, x0).item() * len(window)
         else:   # 128 exact-k draws, k stratified over 1..L: the bound of this window, per char
-            total += nelbo_per_seq(model, x0.repeat(128, 1), g).mean().item() * len(window)
+            total += window_bound(model, x0, 128, g).item() * len(window)
     bits = total / len(ids) / math.log(2)
     what = 'exact, a GPT' if model.config.causal else 'an upper bound, a diffusion model'
     print(f'{args.score}: {bits:.4f} bits/char ({len(ids)} chars; {what})')
@@ -1530,6 +1532,12 @@ SAMPLER_FLAGS = {'choice_temperature': 'confidence', 'threshold': 'threshold', '
 DIFFUSION_ONLY = ('use_time', 't_proposal', 'complementary', 'loss', 'steps', 'rule', 'show', 'semi_ar', 'best_of',
                   *SAMPLER_FLAGS)                                              # meaningless for a GPT
 
+def refuse_diffusion_flags(args, causal):
+    """A flag of the diffusion model's (DIFFUSION_ONLY) given for a GPT is refused with one line."""
+    given = [flag(k) for k in DIFFUSION_ONLY if k in args.explicit]
+    if causal and given:
+        raise CliError(f'{given[0]} means nothing for a GPT (it has no noise level and writes left to right)')
+
 def flag(name):
     return '--' + FLAG_NAMES.get(name, name).replace('_', '-')
 
@@ -1622,10 +1630,7 @@ def build_parser():
 def resolve(args, device):
     """Fill the flags left unset from the preset."""
     preset = args.preset if args.preset != 'auto' else ('base' if device.split(':')[0] == 'cuda' else 'tiny')
-    if args.causal:
-        given = [flag(k) for k in DIFFUSION_ONLY if k in args.explicit]
-        if given:
-            raise CliError(f'{given[0]} means nothing for a GPT (it has no noise level and writes left to right)')
+    refuse_diffusion_flags(args, args.causal)
     values = {**DEFAULTS, **PRESETS[preset]}
     if args.loss == 'naive':             # the first recipe as taught: t uniform, unless --t-proposal says
         values['t_proposal'] = 'uniform'
