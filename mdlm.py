@@ -8,10 +8,17 @@ masked-token prediction with one change: the fraction of masked tokens is drawn 
 sequence, from 0 to 1, and the losses are weighted so that their sum is an upper bound on the
 negative log-likelihood (MDLM, Sahoo et al. 2024; LLaDA, Nie et al. 2025).
 
-Read this file top to bottom: config, data, the forward (masking) process, the model, the loss
-(and the GPT twin, the same network made causal: the yardstick), training, sampling, prompt
-completion and infilling, evaluation, command line. (Python resolves names when a function runs,
-so train() may call estimate_loss, which is explained later.)
+The file has two parts. First the lesson, to read top to bottom: 1 config, 2 data, 3 the
+forward (masking) process, 4 the model (and the GPT twin, the same network made causal: the
+yardstick), 5 the loss, 6 one training step, 7 sampling, 8 completion and infilling,
+9 evaluation. It ends at a marked line; a reader who stops there has read a whole, working MDLM,
+and nothing above the line uses anything below it. Below it is the harness: device and precision,
+checkpoints, resume, DDP, the logged training run, the command line's modes and main().
+
+Every section starts with a `# %%` line, so the file also opens as a notebook (VS Code, or
+Jupyter with Jupytext): run its cells in order and the lines under `if NOTEBOOK:` load the data,
+train a tiny model for DEMO_ITERS steps, and sample, complete, fill and score with it. Imported or
+run as a script, those lines do nothing.
 
     pip install -r requirements.txt
     python mdlm.py --train                    # CPU: the 'tiny' preset, under 450 s on 2 cores
@@ -46,9 +53,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# -----------------------------------------------------------------------------
-# Config: the model's shape lives in a dataclass; each preset adds training defaults.
 
+# %% 1. Config -------------------------------------------------------------------------------
+# The model's shape lives in a dataclass; each preset adds training defaults. Every default of
+# the program is in this cell: the shape, the presets, the training recipe, the sampler, the seed.
+
+@dataclass
 @dataclass
 class ModelConfig:
     vocab_size: int = 66     # 65 characters of Tiny Shakespeare + [MASK] (always the last id)
@@ -80,18 +90,69 @@ DEFAULTS = dict(causal=False, rope=True, weight_decay=0.1, grad_accum=1, schedul
 EPS = 1e-3          # training draws t from [EPS, 1]: t = 0 would mask nothing and weigh 1/t = inf
 EVAL_SEED = 1234    # every evaluation (training log, --eval) scores the same windows with the same masks
 MASK_GLYPH = '■'    # how a [MASK] is drawn on screen
-
-# -----------------------------------------------------------------------------
-# Data: Tiny Shakespeare, a character tokenizer, and one extra token, [MASK].
-# A GPT's target is its input shifted by one. Here the target is the clean text itself: the
-# input is the same text with some characters hidden, and the model must say what was there.
-
+# The sampler when no flag chooses one: confidence, in semi-autoregressive blocks of 8 characters
+# with 8 steps each (one character a step). It read best on the README's frontier, at the GPT's
+# cost of one model call per character.
+DEFAULT_SAMPLER = dict(rule='confidence', steps=8, semi_ar=8)
+# ... and each sampler setting when a flag leaves it out (generate's own defaults are these)
+SAMPLER_DEFAULTS = dict(steps=64, temperature=1.0, top_p=1.0, choice_temperature=0.0, threshold=0.9,
+                        remask=0.0, best_of=1)
+SEED = 1337         # training's batches and noise, and sampling, unless --seed says otherwise
 DATA_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 DATA_SHA256 = '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'
-DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'input.txt')
+HERE = os.path.dirname(os.path.abspath(__file__)) if '__file__' in globals() else os.getcwd()  # a notebook has no __file__
+DEFAULT_DATA = os.path.join(HERE, 'input.txt')
+# Opened as a notebook, the `if NOTEBOOK:` demos run as their cells do; imported or run as a
+# script, never. DEMO_ITERS training steps of the tiny preset take about a minute on a laptop CPU.
+NOTEBOOK = __name__ == '__main__' and 'ipykernel' in sys.modules
+DEMO_ITERS = 1000
 
+# %% 2. Data ---------------------------------------------------------------------------------
+# Tiny Shakespeare, a character tokenizer, and one extra token, [MASK].
+# A GPT's target is its input shifted by one. Here the target is the clean text itself: the
+# input is the same text with some characters hidden, and the model must say what was there.
+class Tokenizer:
+    """Characters <-> ids. The vocabulary is the sorted set of the training text's characters,
+    and [MASK] gets the last id, V - 1. It is stored in every checkpoint, so a trained model
+    never needs the text again."""
+    def __init__(self, chars):
+        self.itos = list(chars)                     # id -> char; [MASK] is not in here
+        self.stoi = {c: i for i, c in enumerate(self.itos)}
+        self.mask_id = len(self.itos)
+        self.vocab_size = len(self.itos) + 1        # + [MASK]
+
+    @classmethod
+    def from_text(cls, text):
+        return cls(sorted(set(text)))
+
+    def encode(self, s):
+        unknown = sorted(set(c for c in s if c not in self.stoi))
+        if unknown:   # a silent fallback to some id would corrupt the input; refuse instead
+            raise CliError(f'characters not in the vocabulary: {" ".join(repr(c) for c in unknown)}')
+        return [self.stoi[c] for c in s]
+
+    def decode(self, ids):
+        return ''.join(MASK_GLYPH if i == self.mask_id else self.itos[i] for i in ids)
+
+def split_data(text, tok, block_size):
+    """First 90% for training, last 10% held out for the likelihood, as nanoGPT does."""
+    data = torch.tensor(tok.encode(text), dtype=torch.long)
+    n = int(0.9 * len(data))
+    train_data, val_data = data[:n], data[n:]
+    if len(val_data) < block_size + 1:
+        raise CliError(f'the data has {len(data)} characters: too few for block_size {block_size} '
+                       f'(each split needs at least {block_size + 1})')
+    return train_data, val_data
+
+def get_batch(data, batch_size, block_size, generator):
+    """(B, T) windows of clean text, x0, at random offsets."""
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator, device=data.device)
+    return data[ix[:, None] + torch.arange(block_size, device=data.device)]   # (B, T)
+
+# Bad input (a character outside the vocabulary, a missing file, a text with no blank) raises
+# CliError; the command line prints its message as one line, never a traceback.
 class CliError(Exception):
-    """A mistake of the user's or of the environment: main() prints it as one line, no traceback."""
+    """A mistake of the user's or of the environment, said in one line."""
 
 def download_data(path, url=DATA_URL, sha256=DATA_SHA256, opener=urllib.request.urlopen):
     """Fetch Tiny Shakespeare, check its sha256, and write it atomically (never a partial file)."""
@@ -125,51 +186,20 @@ def load_text(path, allow_download=False):
         raise CliError(f'{path} is empty')
     return text
 
-class Tokenizer:
-    """Characters <-> ids. The vocabulary is the sorted set of the training text's characters,
-    and [MASK] gets the last id, V - 1. It is stored in every checkpoint, so a trained model
-    never needs the text again."""
-    def __init__(self, chars):
-        self.itos = list(chars)                     # id -> char; [MASK] is not in here
-        self.stoi = {c: i for i, c in enumerate(self.itos)}
-        self.mask_id = len(self.itos)
-        self.vocab_size = len(self.itos) + 1        # + [MASK]
+if NOTEBOOK:   # demo: the text, its vocabulary, the two splits
+    text = load_text(DEFAULT_DATA, allow_download=True)
+    tok = Tokenizer.from_text(text)
+    train_data, val_data = split_data(text, tok, PRESETS['tiny']['block_size'])
+    print(f'{len(text):,} characters, {tok.vocab_size} tokens (65 characters + [MASK]), '
+          f'{len(train_data):,} for training, {len(val_data):,} held out')
+    print(repr(tok.decode(train_data[:64].tolist())))
 
-    @classmethod
-    def from_text(cls, text):
-        return cls(sorted(set(text)))
-
-    def encode(self, s):
-        unknown = sorted(set(c for c in s if c not in self.stoi))
-        if unknown:   # a silent fallback to some id would corrupt the input; refuse instead
-            raise CliError(f'characters not in the vocabulary: {" ".join(repr(c) for c in unknown)}')
-        return [self.stoi[c] for c in s]
-
-    def decode(self, ids):
-        return ''.join(MASK_GLYPH if i == self.mask_id else self.itos[i] for i in ids)
-
-def split_data(text, tok, block_size):
-    """First 90% for training, last 10% held out for the likelihood, as nanoGPT does."""
-    data = torch.tensor(tok.encode(text), dtype=torch.long)
-    n = int(0.9 * len(data))
-    train, val = data[:n], data[n:]
-    if len(val) < block_size + 1:
-        raise CliError(f'the data has {len(data)} characters: too few for block_size {block_size} '
-                       f'(each split needs at least {block_size + 1})')
-    return train, val
-
-def get_batch(data, batch_size, block_size, generator):
-    """(B, T) windows of clean text, x0, at random offsets."""
-    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator, device=data.device)
-    return data[ix[:, None] + torch.arange(block_size, device=data.device)]   # (B, T)
-
-# -----------------------------------------------------------------------------
-# The forward process: how text is destroyed.
+# %% 3. The forward process ------------------------------------------------------------------
+# How text is destroyed.
 # At time t in [0, 1] every character is replaced by [MASK] independently with probability t
 # (the linear schedule: alpha_t = 1 - t is the chance a character is still clean). t = 0 is the
 # text, t = 1 is pure noise: a row of masks. [MASK] absorbs: a masked character stays masked as
 # t grows. That is the whole corruption process, and why the reverse process can be so simple.
-
 def forward_mask(x0, t, mask_id, generator=None):
     """x0: (B, T) clean ids; t: (B,) mask probabilities. Returns xt (B, T) and the mask (B, T)."""
     u = torch.rand(x0.shape, generator=generator, device=x0.device)
@@ -186,8 +216,11 @@ def show_noise(text, tok, seed=0):
         lines.append(f't={t:.1f}  {tok.decode(xt[0].tolist())}')
     return '\n'.join(lines)
 
-# -----------------------------------------------------------------------------
-# The model: a bidirectional transformer that reads xt (and t) and predicts x0 everywhere.
+if NOTEBOOK:   # demo: one line of the play, destroyed a little more at each t
+    print(show_noise('First Citizen: Before we proceed any further, hear me speak.', tok))
+
+# %% 4. The model ---------------------------------------------------------------------------
+# A bidirectional transformer that reads xt (and t) and predicts x0 everywhere.
 # It is a GPT block for block, with three changes:
 #   1) no causal mask: every position attends to every other, both directions;
 #   2) the noise level t enters each block through adaLN (a shift and scale of each LayerNorm);
@@ -197,6 +230,9 @@ def show_noise(text, tok, seed=0):
 # not one per position. At a 3000-step CPU budget it was worth 0.23 nats/char over learned
 # absolute positions (--no-rope; see README).
 
+# The GPT twin, the yardstick, is this same network with change 1 undone (ModelConfig.causal:
+# each position sees itself and what is left of it) and no time input: it predicts the next
+# character. Everything else, shape and training budget included, is shared.
 def rope_tables(block_size, head_dim, base=10000.0):
     """cos and sin of position * frequency, (T, head_dim / 2): one rotation angle per pair."""
     freqs = base ** (-torch.arange(0, head_dim, 2).float() / head_dim)
@@ -213,7 +249,7 @@ def manual_attention(q, k, v, causal=False):
     softmax(q k^T / sqrt(hs)) v. A GPT fills the upper triangle of `att` with -inf, so position i
     sees only positions <= i; a diffusion LM does not, and that is the only difference.
     On a CPU this plain formula is as fast as the fused kernel in float32 and faster under
-    bfloat16 autocast, so training on a CPU uses it (see `fast_path`)."""
+    bfloat16 autocast, so training on a CPU uses it (MDLM.set_fused_attention)."""
     T = q.size(-2)
     att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))   # (B, nh, T, T)
     if causal:
@@ -328,8 +364,20 @@ class MDLM(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())   # tied weights are counted once
 
-# -----------------------------------------------------------------------------
-# The loss. First the intuitive version (the lesson plan's): mask with a random t, and average
+    def set_fused_attention(self, fused):
+        """True: PyTorch's fused kernel; False: manual_attention (faster on a CPU, without dropout)."""
+        for block in self.blocks:
+            block.attn.fused = fused
+
+if NOTEBOOK:   # demo: the tiny preset's model, untrained
+    shape = {k: PRESETS['tiny'][k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'dropout', 'use_time')}
+    config = ModelConfig(vocab_size=tok.vocab_size, **shape)
+    torch.manual_seed(SEED)
+    model = MDLM(config)
+    print(f'{model.num_params() / 1e6:.2f}M parameters, {config}')
+
+# %% 5. The loss ----------------------------------------------------------------------------
+# First the intuitive version: mask with a random t, and average
 # the cross-entropy over the masked positions. It trains a fine denoiser, but it is not a bound.
 # The real objective is the continuous-time negative ELBO (MDLM eq. 10), per character:
 #
@@ -339,7 +387,6 @@ class MDLM(nn.Module):
 # characters are masked but each one is worth more; dividing by L (the sequence length), not by
 # the number of masks, is what turns the sum into nats per character, a bound on -log p(x0) / L.
 # So: MDLM is BERT with a random mask rate and a 1/t weight. That is the whole trick.
-
 def masked_ce(logits, x0, mask):
     """Cross-entropy at the masked positions only: (B, T) with zeros elsewhere."""
     ce = F.cross_entropy(logits.transpose(1, 2), x0, reduction='none')   # (B, T)
@@ -399,12 +446,10 @@ def complementary_masks(x0, t, mask_id, generator):
     twin = x0.masked_fill(~mask, mask_id)
     return torch.cat([x0, x0]), torch.cat([xt, twin]), torch.cat([mask, ~mask]), torch.cat([t, 1 - t])
 
-# -----------------------------------------------------------------------------
-# The GPT twin: the yardstick. The same blocks with causal attention (ModelConfig.causal) and no
-# time input are a GPT: each position sees itself and what is left of it and predicts the next
-# character. Fed [start] + x0[:-1] it predicts all of x0, the same L characters the NELBO scores
-# (the [MASK] id serves as the start token: it never occurs in text). Its loss is not a bound
-# but the exact negative log-likelihood, so NELBO / NLL is the price of generating in any order.
+# The GPT twin's loss. Fed [start] + x0[:-1], the causal model predicts all of x0, the same L
+# characters the NELBO scores (the [MASK] id serves as the start token: it never occurs in text).
+# Its loss is not a bound but the exact negative log-likelihood, so NELBO / NLL is the price of
+# generating in any order.
 
 def gpt_input(x0, start_id):
     """(B, T) -> (B, T): the window shifted right by one, the start token in front."""
@@ -414,10 +459,15 @@ def gpt_loss(logits, x0):
     """Mean next-character cross-entropy: exactly -log p(x0) / L, in nats per character."""
     return F.cross_entropy(logits.transpose(1, 2), x0)
 
-# -----------------------------------------------------------------------------
-# Training: AdamW, warmup then cosine (or warmup-stable-decay), gradient clipping, seeded
-# everything, atomic checkpoints.
+if NOTEBOOK:   # demo: untrained, the model guesses uniformly among 65 characters: loss = log 65
+    gen = torch.Generator().manual_seed(SEED)
+    x0 = get_batch(train_data, 32, config.block_size, gen)
+    print(f'naive loss {naive_loss(model, x0, gen).item():.3f}, log 65 = {math.log(65):.3f}')
 
+# %% 6. One training step --------------------------------------------------------------------
+# AdamW, warmup then a stable learning rate and a decay (or cosine), gradient clipping. A step:
+# draw the batch and its noise (training_batch), forward, loss, backward, clip, update
+# (train_step). The logged, checkpointed run around it is the harness's train().
 def get_lr(it, args):
     if it < args.warmup_iters:                                   # 1) linear warmup
         return args.lr * (it + 1) / args.warmup_iters
@@ -447,301 +497,52 @@ def training_batch(data, n, block_size, mask_id, generator, causal, proposal='un
     xt, mask = forward_mask(x0, t, mask_id, generator)
     return x0, xt, mask, t, w
 
-def batch_loss(model, x0, xt, mask, t, w, loss='nelbo'):
-    """The loss of one (micro-)batch from training_batch: the GPT's NLL, the NELBO, or (loss='naive')
-    the pooled masked CE of the first recipe, which ignores the 1/t and importance weights."""
+def batch_loss(model, x0, xt, mask, t, w, objective='nelbo'):
+    """The loss of one (micro-)batch from training_batch: the GPT's NLL, the NELBO, or
+    (objective='naive') the pooled masked CE of the first recipe, without 1/t and importance weights."""
     logits = model(xt, t)
     if mask is None:
         return gpt_loss(logits, x0)
-    return pooled_ce(logits, x0, mask) if loss == 'naive' else nelbo_loss(logits, x0, mask, t, w)
+    return pooled_ce(logits, x0, mask) if objective == 'naive' else nelbo_loss(logits, x0, mask, t, w)
 
-def save_checkpoint(path, ckpt):
-    """Write to a temporary file beside `path`, fsync, then rename over it: a crash at any moment
-    leaves either the old checkpoint or the new one, never half of one."""
-    d = os.path.dirname(path) or '.'
-    fd, tmp = tempfile.mkstemp(dir=d, prefix='.ckpt-', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    with contextlib.suppress(OSError):   # make the rename itself durable
-        dfd = os.open(d, os.O_RDONLY)
-        os.fsync(dfd)
-        os.close(dfd)
-
-def load_checkpoint(path):
-    """Load with weights_only=True: tensors and plain values only, so a hostile file cannot run code."""
-    if not os.path.exists(path):
-        raise CliError(f'no checkpoint at {path}; train one with: python mdlm.py --train')
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-        raise CliError(f'{path} is not a loadable checkpoint ({reason})')
-    keys = {'model', 'optimizer', 'config', 'vocab', 'iter', 'best_val', 'args', 'rng'}
-    if not isinstance(ckpt, dict) or ckpt.get('format') != 'mdlm-1' or not keys <= ckpt.keys():
-        raise CliError(f'{path} is not an mdlm checkpoint')
-    return ckpt
-
-def model_from_checkpoint(ckpt, device='cpu'):
-    try:
-        config = ModelConfig(**ckpt['config'])
-        model = MDLM(config)
-        model.load_state_dict(ckpt['model'])
-        tok = Tokenizer(ckpt['vocab'])
-        if tok.vocab_size != config.vocab_size:
-            raise ValueError('vocabulary and model disagree')
-    except Exception as e:
-        raise CliError(f'the checkpoint does not hold a valid mdlm model ({type(e).__name__})')
-    return model.to(device).eval(), tok
-
-def ddp_setup(device_arg):
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: one process per device, nanoGPT style."""
-    if int(os.environ.get('WORLD_SIZE', 1)) == 1:
-        return 0, 1, pick_device(device_arg)
-    import torch.distributed as dist
-    rank, world, local = (int(os.environ[k]) for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'))
-    device = device_arg or ('cuda' if torch.cuda.is_available() else 'cpu')
-    if device.startswith('cuda'):
-        device = f'cuda:{local}'
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
-    return rank, world, device
-
-class StopRequested(Exception):
-    pass
-
-def resume_config(ckpt, args):
-    """--resume: the checkpoint's architecture wins (asking for another is refused), and training
-    flags not given again keep their saved values. Returns the config and the flags changed."""
-    saved = ckpt['config']
-    for name in ARCH_FLAGS:
-        if name in args.explicit and getattr(args, name) != saved.get(name, False):
-            raise CliError(f'cannot resume with {flag(name)} {getattr(args, name)}: '
-                           f'the checkpoint was trained with {saved.get(name, False)}')
-    changed = []
-    for name in TRAIN_FLAGS:
-        saved_value = ckpt['args'].get(name, BEFORE_FLAG.get(name, getattr(args, name)))
-        if name not in args.explicit:
-            setattr(args, name, saved_value)
-        elif getattr(args, name) != saved_value:
-            changed.append(f'{name}: {saved_value} -> {getattr(args, name)}')
-    if args.data == DEFAULT_DATA and ckpt['args'].get('data'):   # the text it was trained on
-        args.data = ckpt['args']['data']
-    config = ModelConfig(**saved)
-    if 'dropout' in args.explicit and args.dropout != config.dropout:
-        changed.append(f'dropout: {config.dropout} -> {args.dropout}')
-        config.dropout = args.dropout
-    for name in ARCH_FLAGS:
-        setattr(args, name, getattr(config, name))
-    return config, changed
-
-def restore_state(ckpt, model, optimizer, gen, args, device, rank, world):
-    model.load_state_dict(ckpt['model'])
-    optimizer.load_state_dict(ckpt['optimizer'])
-    optimizer.param_groups[0]['weight_decay'] = args.weight_decay     # the flag wins over the saved one
-    try:
-        gen.set_state(ckpt['rng']['gen'])
-        torch.set_rng_state(ckpt['rng']['torch'])
-        if device.startswith('cuda') and ckpt['rng'].get('cuda') is not None:
-            torch.cuda.set_rng_state(ckpt['rng']['cuda'])
-    except (RuntimeError, TypeError, ValueError):
-        raise CliError('the checkpoint\'s random state is from another kind of device; '
-                       'resume on the device it was trained on')
-    if world > 1:        # only rank 0's dropout RNG was saved: give the other ranks their own again
-        torch.manual_seed(args.seed + rank + 1_000_003 * ckpt['iter'])
-    return ckpt['iter'], ckpt['best_val']
-
-def append_log(path, fresh, row):
-    """<out-dir>/log.csv: one row per evaluation (--plot draws it)."""
-    with open(path, 'w' if fresh else 'a', newline='') as f:
-        w = csv.writer(f)
-        if fresh:
-            w.writerow(['step', 'train_nelbo', 'val_nelbo', 'val_se', 'seconds'])
-        w.writerow(row)
-
-def any_rank(flag, device, world):
-    """True on every rank when `flag` is true on any (so all ranks stop at the same step)."""
-    if world == 1:
-        return bool(flag)
-    import torch.distributed as dist
-    f = torch.tensor([float(bool(flag))], device=device)
-    dist.all_reduce(f, op=dist.ReduceOp.MAX)
-    return f.item() > 0
-
-def compiled_or_eager(model, batch_size, config, device, autocast, log):
-    """torch.compile, tried at once on one forward and backward of the training shape and
-    precision (so its compile time falls inside the run's wall time, and is spent once); if it
-    cannot compile, one line and eager."""
-    try:
-        compiled = torch.compile(model)
-        xt = torch.full((batch_size, config.block_size), config.vocab_size - 1, device=device)
-        t = None if config.causal else torch.full((batch_size,), 0.5, device=device)
-        with autocast():
-            out = compiled(xt, t)[..., :-1].sum()
-        out.backward()
-        model.zero_grad(set_to_none=True)
-        return compiled
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
-        log(f'--compile: could not compile ({reason}); training without it')
-        model.zero_grad(set_to_none=True)
-        return model
-
-def train(args):
-    t0 = time.time()                 # the run's wall clock: start-up, compile and evals included
-    rank, world, device = ddp_setup(args.device)
-    master = rank == 0
-    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if master else (lambda *a: None)
-    preset = resolve(args, device.split(':')[0])
-    ckpt_path, log_path = os.path.join(args.out_dir, 'ckpt.pt'), os.path.join(args.out_dir, 'log.csv')
-    ckpt = load_checkpoint(ckpt_path) if args.resume else None
-    if master:    # a save killed mid-write leaves its temporary file; this run owns the directory now
-        for stale in glob.glob(os.path.join(glob.escape(args.out_dir), '.ckpt-*.tmp')):
-            with contextlib.suppress(OSError):
-                os.remove(stale)
-
-    # 1) the model's shape and the training flags: a resumed run's come from its checkpoint
-    if ckpt:
-        config, changed = resume_config(ckpt, args)
-        preset = 'from checkpoint'
-    text = load_text(args.data, allow_download=args.data == DEFAULT_DATA)
-    tok = Tokenizer(ckpt['vocab']) if ckpt else Tokenizer.from_text(text)
-    if not ckpt:
-        refuse_other_kind(ckpt_path, args.causal)
-        config = ModelConfig(vocab_size=tok.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
-                             n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
-                             use_time=args.use_time, rope=args.rope, causal=args.causal)
-    # 2) data: the whole token tensor lives on the device (1.1M chars: a few MB), no loader needed
-    train_data, val_data = (d.to(device) for d in split_data(text, tok, config.block_size))
-
-    # 3) model, AdamW (weight decay on matrices only), and one generator for batches and noise:
-    # every rank draws the same global batch and noise and keeps its slice, so N ranks x G micro-
-    # batches see exactly the batches (and the stratified t) of one process with an N*G times larger batch
-    torch.manual_seed(args.seed + rank)      # dropout differs per rank; data and noise do not
-    model = MDLM(config).to(device)
-    optimizer = torch.optim.AdamW(
-        [{'params': [p for p in model.parameters() if p.dim() >= 2], 'weight_decay': args.weight_decay},
+def make_optimizer(model, lr, weight_decay, fused=False):
+    """AdamW with weight decay on the matrices only (not on LayerNorm gains and biases)."""
+    return torch.optim.AdamW(
+        [{'params': [p for p in model.parameters() if p.dim() >= 2], 'weight_decay': weight_decay},
          {'params': [p for p in model.parameters() if p.dim() < 2], 'weight_decay': 0.0}],
-        lr=args.lr, betas=(0.9, 0.99), fused=device.startswith('cuda'))
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    it, best_val = 0, float('inf')
-    if ckpt:
-        it, best_val = restore_state(ckpt, model, optimizer, gen, args, device, rank, world)
-        log(f'resuming from {ckpt_path} at step {it}' + (f' ({", ".join(changed)})' if changed else ''))
-    if device.startswith('cuda'):   # TF32 matmuls: ~fp32 accuracy at tensor-core speed
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    raw_model = model                # what gets saved: never the compiled or DDP-wrapped one
-    autocast, fused = fast_path(device, args.dtype, config.dropout)
-    for block in raw_model.blocks:
-        block.attn.fused = fused
-    if args.compile:
-        model = compiled_or_eager(model, args.batch_size, config, device, autocast, log)
-    compiled = model is not raw_model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        model = DistributedDataParallel(model, device_ids=[device] if device.startswith('cuda') else None)
-    log(f'device {device}{f" x {world}" if world > 1 else ""} | preset {preset} | {kind_name(config)} | '
-        f'{raw_model.num_params() / 1e6:.2f}M parameters | {asdict(config)}')
-    log(f'fast path: {"bfloat16 autocast" if autocast is not contextlib.nullcontext else "float32"}, '
-        f'{"fused" if fused else "manual"} attention{", torch.compile" if compiled else ""}; '
-        f'evaluations in float32')
+        lr=lr, betas=(0.9, 0.99), fused=fused)
 
-    def check_finite(loss, iteration):
-        """A non-finite loss ends the run before anything is saved: the last good checkpoint stays."""
-        if loss is not None and not math.isfinite(loss.item()):
-            raise CliError(f'the loss is not finite at step {iteration}; kept the last good checkpoint {ckpt_path}')
+def train_step(model, optimizer, batches, lr, objective='nelbo', autocast=contextlib.nullcontext):
+    """One optimisation step on `batches`: a list of training_batch tuples, usually one; several
+    (gradient accumulation) add up to one step's gradient. Returns the step's loss, detached.
+    autocast: the context the forward pass runs in (bfloat16 where the hardware has it)."""
+    for group in optimizer.param_groups:                           # 1) this step's learning rate
+        group['lr'] = lr
+    total = 0.0
+    for i, batch in enumerate(batches):
+        # a DDP-wrapped model averages gradients across processes: on the last micro-batch only
+        last = i == len(batches) - 1 or not hasattr(model, 'no_sync')
+        with contextlib.nullcontext() if last else model.no_sync(), autocast():
+            part = batch_loss(model, *batch, objective) / len(batches)   # 2) forward and loss
+        part.backward()                                            # 3) backward: gradients add up
+        total = total + part.detach()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)        # 4) clip, update, clear
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
 
-    def save(iteration):
-        if master:
-            os.makedirs(args.out_dir, exist_ok=True)
-            save_checkpoint(ckpt_path, {
-                'format': 'mdlm-1', 'kind': kind_name(config), 'model': raw_model.state_dict(),
-                'optimizer': optimizer.state_dict(),
-                'config': asdict(config), 'vocab': tok.itos, 'iter': iteration, 'best_val': best_val,
-                'args': {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
-                'rng': {'gen': gen.get_state(), 'torch': torch.get_rng_state(),
-                        'cuda': torch.cuda.get_rng_state() if device.startswith('cuda') else None}})
+if NOTEBOOK:   # demo: train the tiny model for DEMO_ITERS steps with the default recipe
+    hp = argparse.Namespace(**{**DEFAULTS, **PRESETS['tiny'], 'max_iters': DEMO_ITERS})
+    optimizer = make_optimizer(model, hp.lr, hp.weight_decay)
+    for it in range(DEMO_ITERS):
+        batch = training_batch(train_data, hp.batch_size, config.block_size, tok.mask_id, gen, False, hp.t_proposal)
+        loss = train_step(model, optimizer, [batch], get_lr(it, hp))
+        if it % 100 == 0 or it == DEMO_ITERS - 1:
+            print(f'step {it} | loss {loss.item():.4f}')
+    model.eval()
 
-    # 4) Ctrl-C / SIGTERM only raise a flag: the step in flight finishes, then we save and stop
-    stop = []
-    old_handlers = {s: signal.signal(s, lambda signum, frame: stop.append(signum))
-                    for s in (signal.SIGINT, signal.SIGTERM)}
-    B, T, G = args.batch_size, config.block_size, args.grad_accum
-    start_it, loss = it, None
-    t_steps, it_steps = time.time(), it     # step timing restarts after each eval: ms/step is training alone
-    try:
-        while True:
-            # 5) evaluate and checkpoint (not again at the step a resumed run starts from)
-            if (it % args.eval_interval == 0 or it == args.max_iters) and not (ckpt and it == start_it):
-                check_finite(loss, it)
-                train_nelbo, _ = estimate_loss(raw_model, train_data, args.eval_iters, B)
-                val_nelbo, val_se = estimate_loss(raw_model, val_data, args.eval_iters, B)
-                best_val = min(best_val, val_nelbo)
-                name = 'nll' if config.causal else 'nelbo'
-                log(f'step {it} | train {name} {train_nelbo:.4f} | val {name} {val_nelbo:.4f} '
-                    f'+- {val_se:.4f} nats/char ({val_nelbo / math.log(2):.4f} bits/char) '
-                    f'| {time.time() - t0:.0f}s')
-                if master:
-                    os.makedirs(args.out_dir, exist_ok=True)
-                    append_log(log_path, not ckpt and it == 0 or not os.path.exists(log_path),
-                               [it, f'{train_nelbo:.5f}', f'{val_nelbo:.5f}', f'{val_se:.5f}', f'{time.time() - t0:.1f}'])
-                save(it)
-                t_steps, it_steps = time.time(), it
-            if it >= args.max_iters:
-                break
-            if (world == 1 or it % args.log_interval == 0) and any_rank(stop, device, world):
-                raise StopRequested
-            # 6) one optimisation step: G micro-batches, gradients synced on the last one only
-            lr = get_lr(it, args)
-            for group in optimizer.param_groups:
-                group['lr'] = lr
-            batch = training_batch(train_data, G * world * B, T, tok.mask_id, gen, config.causal,
-                                   args.t_proposal, args.complementary)   # G * world * B rows, t stratified over all
-            loss = 0.0
-            for micro in range(G):
-                rows = slice((micro * world + rank) * B, (micro * world + rank + 1) * B)   # this rank's B
-                sync = contextlib.nullcontext() if world == 1 or micro == G - 1 else model.no_sync()
-                with sync, autocast():
-                    micro_loss = batch_loss(model, *(a if a is None else a[rows] for a in batch), args.loss) / G
-                micro_loss.backward()
-                loss = loss + micro_loss.detach()                   # the step's mean over its micro-batches
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            it += 1
-            if it % args.log_interval == 0 or it == args.max_iters:   # the only host sync in the loop
-                check_finite(loss, it)
-                lossf = loss.item()                                     # this rank's step mean
-                dt = (time.time() - t_steps) / (it - it_steps)
-                log(f'step {it} | loss {lossf:.4f} | lr {lr:.1e} | {dt * 1000:.1f}ms | '
-                    f'{B * T * G * world / dt:,.0f} tok/s | eta {dt * (args.max_iters - it):.0f}s')
-        log(f'done: best val {"nll" if config.causal else "nelbo"} {best_val:.4f} nats/char; '
-            f'latest checkpoint in {ckpt_path}')
-        return best_val
-    except StopRequested:
-        check_finite(loss, it)
-        save(it)
-        log(f'stopped at step {it}; saved {ckpt_path}. Resume with: python mdlm.py --train --resume'
-            + (f' --out-dir {args.out_dir}' if args.out_dir != 'out' else ''))   # --data: remembered
-        raise SystemExit(130)
-    finally:
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-        if world > 1:
-            import torch.distributed as dist
-            dist.destroy_process_group()
-
-
-# -----------------------------------------------------------------------------
-# Sampling: the reverse process, from t = 1 (all masks) to t = 0 (text) in N steps.
+# %% 7. Sampling ---------------------------------------------------------------------------
+# The reverse process, from t = 1 (all masks) to t = 0 (text) in N steps.
 # One loop serves every use. Its input is a batch of rows in which [MASK] marks what to write:
 # everything for a sample, the tail after a prompt, the blanks of an infill. Given tokens (not
 # [MASK] in the input) are never touched. Each step the model proposes a character for every
@@ -760,10 +561,10 @@ def train(args):
 # logits, so we reuse them (MDLM's cache, per row); with more steps than masks most are skipped.
 # `calls` counts the model's work: one per row per pass (a cached row costs nothing).
 
+# Read generate as the textbook loop first (ancestral rule, one pass per step: cache=False, no
+# semi_ar); the cache, the blocks and the other rules are additions to it, and a test checks that
+# the loop with them switched off is the textbook loop, token for token.
 RULES = ('ancestral', 'confidence', 'threshold', 'random')
-# --sample, --complete and --infill with no sampler flag: measured against the GPT judge (README's
-# frontier), confidence in semi-autoregressive blocks of 8, one character a step, read best.
-DEFAULT_SAMPLER = dict(rule='confidence', steps=8, semi_ar=8)
 
 def propose(logits, temperature, top_k, generator, top_p=1.0):
     """Sample a token per position from softmax(logits / temperature) by Gumbel-max in float64
@@ -863,6 +664,16 @@ def generate(model, x, steps, rule='ancestral', temperature=1.0, top_k=None, gen
                 on_step(i, x)
     return x, calls
 
+if NOTEBOOK:   # demo: two lines of text out of pure noise, with the default sampler
+    x = torch.full((2, config.block_size), tok.mask_id)
+    out, calls = generate(model, x, generator=gen, **DEFAULT_SAMPLER)
+    print('\n\n'.join(tok.decode(row.tolist()) for row in out))
+
+# %% 8. Completion and infilling -------------------------------------------------------------
+# Both are the same loop with some characters given. Completion: the prompt, then masks; past
+# the context, window by window. Infilling: masks where the blanks are, text on both sides, which
+# a GPT cannot use (it never sees the right side). The GPT twin's own left-to-right loop is here
+# too: one pass per character, the cost a diffusion sampler is compared with.
 def generate_text(model, prefix, length, num_samples, steps, rule, temperature=1.0, top_k=None,
                   generator=None, on_step=None, **options):
     """`length` new tokens after `prefix` (a list of ids), for num_samples rows at once.
@@ -928,16 +739,6 @@ def infill(model, ids, num_samples, steps, rule, best_of=1, **options):
             calls += 32 * len(bound)
     return x[::best_of], calls
 
-@torch.no_grad()
-def window_bound(model, x0, draws, generator):
-    """The NELBO bound of each row of x0 (B, L), from `draws` exact-k masks shared by all rows:
-    with the same masks, rows that differ in a few characters are compared with little noise."""
-    (B, L), R = x0.shape, draws
-    mask, k = exact_k_mask(R, L, generator, x0.device)                            # (R, L), (R,)
-    xt = x0[:, None].masked_fill(mask, model.config.vocab_size - 1).view(B * R, L)
-    ce = masked_ce(model(xt, (k / L).repeat(B)), x0.repeat_interleave(R, 0), mask.repeat(B, 1))
-    return (ce.sum(1) / k.repeat(B)).view(B, R).mean(1)                         # (B,)
-
 BLANK = re.compile(r'\[_+\]')   # a blank: '[', one or more '_', ']'; it stands for as many chars as it is wide
 
 def parse_infill(text, tok):
@@ -952,8 +753,15 @@ def parse_infill(text, tok):
         raise CliError('the text has no blank to fill: mark one with [___] (it is as long as it is wide)')
     return ids
 
-# -----------------------------------------------------------------------------
-# Evaluation: an honest likelihood bound, held out, deterministic, low variance.
+if NOTEBOOK:   # demo: continue a prompt; fill a blank from both sides
+    out, _ = generate_text(model, tok.encode('ROMEO:\n'), 96, 1, generator=gen, **DEFAULT_SAMPLER)
+    print(tok.decode(out[0].tolist()))
+    out, _ = infill(model, parse_infill('To be, or not to [__], that is the question.', tok), 2,
+                    generator=gen, **DEFAULT_SAMPLER)
+    print('\n'.join(tok.decode(row.tolist()) for row in out))
+
+# %% 9. Evaluation -------------------------------------------------------------------------
+# An honest likelihood bound, held out, deterministic, low variance.
 # Training's estimator (random t, Bernoulli masks) is unbiased but noisy. For evaluation, count
 # masks instead of drawing t: mask exactly k of the L positions, k spread evenly over 1..L across
 # the batch, and weigh by 1/k (LLaDA's estimator). For a model that ignores t this is exactly the
@@ -961,7 +769,6 @@ def parse_infill(text, tok):
 # time-conditioned model the estimate is then the any-order autoregressive bound of the model's
 # own conditionals: the generator that unmasks one character at a time in a random order, each
 # drawn from the model (an "any-order autoregressive" model), has -log p(x0) below this estimate.
-
 def exact_k_mask(B, L, generator, device):
     """(B, L) masks with exactly k_b positions set, k_b stratified over 1..L. Returns mask, k."""
     k = 1 + (stratified(B, generator, device) * L).long().clamp(max=L - 1)   # (B,) in 1..L
@@ -1018,6 +825,16 @@ def gpt_nll_of_text(model, ids):
         last = torch.cat([model(chunk, None)[:, -1] for chunk in x.split(512)])   # (B * (N - T), V)
         nll.append(F.cross_entropy(last, ids[:, T:].reshape(-1), reduction='none').view(B, N - T))
     return torch.cat(nll, 1)
+
+@torch.no_grad()
+def window_bound(model, x0, draws, generator):
+    """The NELBO bound of each row of x0 (B, L), from `draws` exact-k masks shared by all rows:
+    with the same masks, rows that differ in a few characters are compared with little noise."""
+    (B, L), R = x0.shape, draws
+    mask, k = exact_k_mask(R, L, generator, x0.device)                            # (R, L), (R,)
+    xt = x0[:, None].masked_fill(mask, model.config.vocab_size - 1).view(B * R, L)
+    ce = masked_ce(model(xt, (k / L).repeat(B)), x0.repeat_interleave(R, 0), mask.repeat(B, 1))
+    return (ce.sum(1) / k.repeat(B)).view(B, R).mean(1)                         # (B,)
 
 def blanked_words(text, length, n, seed=EVAL_SEED):
     """n seeded infill questions from `text`: a lowercase word of `length` letters in a line,
@@ -1081,9 +898,359 @@ def ce_per_noise_level(model, data, ts, n_batches, batch_size, seed=EVAL_SEED):
         rows.append(total / max(count, 1))
     return rows
 
-# -----------------------------------------------------------------------------
-# Command line
+if NOTEBOOK:   # demo: the trained model's bound on held-out text (the GPT twin's table is in the README)
+    nelbo, se = estimate_loss(model, val_data, 10, 32)
+    print(f'val NELBO {nelbo:.3f} +- {se:.3f} nats/char: perplexity <= {math.exp(nelbo):.2f}')
 
+# %% ========================== THE LESSON IS COMPLETE ==========================================
+# Everything above is a whole, working MDLM: data, noise, model, loss, a training step,
+# sampling, infilling, and an honest likelihood. Everything below is the harness a reader may
+# skip: device and precision, checkpoints, resume, DDP, the logged training run, the command
+# line's modes (generation, eval, score, frontier, plot, bench) and main(). Nothing above calls
+# into it.
+# ================================================================================================
+
+# %% Harness: device and precision ----------------------------------------------------------------
+def pick_device(requested=None):
+    if requested:
+        try:
+            kind, index = torch.device(requested).type, torch.device(requested).index
+        except RuntimeError:
+            kind, index = None, None
+        if kind not in ('cpu', 'cuda', 'mps'):
+            raise CliError(f'unknown --device {requested}: use cpu, cuda, cuda:N or mps')
+        if kind == 'cuda' and (not torch.cuda.is_available() or (index or 0) >= torch.cuda.device_count()) or \
+                kind == 'mps' and not (hasattr(torch.backends, 'mps') and torch.backends.mps.is_available()):
+            raise CliError(f'--device {requested} is not available on this machine')
+        return requested
+    if torch.cuda.is_available():
+        return 'cuda'
+    if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
+        return 'mps'
+    return 'cpu'
+
+def cpu_has_bf16():
+    """True where the CPU computes bfloat16 natively (x86 avx512_bf16 or AMX). Elsewhere bf16
+    autocast is emulated and measured 17x slower than float32, so it must never be the default."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            flags = f.read()
+    except OSError:          # not Linux (macOS, Windows): no claim, float32
+        return False
+    return bool(re.search(r'\b(avx512_bf16|amx_bf16)\b', flags))
+
+def fast_path(device, dtype, dropout=0.0):
+    """The fastest correct way to train on `device`: (autocast context, fused attention?).
+    bf16 autocast on a GPU that supports it and on a CPU with native bf16; float32 elsewhere.
+    On a CPU the plain attention formula beats the fused kernel (it has no dropout: fused then)."""
+    kind = device.split(':')[0]
+    if dtype == 'auto':
+        bf16 = torch.cuda.is_bf16_supported() if kind == 'cuda' else kind == 'cpu' and cpu_has_bf16()
+        dtype = 'bfloat16' if bf16 else 'float32'
+    autocast = (lambda: torch.autocast(device_type=kind, dtype=torch.bfloat16)) if dtype == 'bfloat16' \
+        else contextlib.nullcontext
+    return autocast, not (kind == 'cpu' and dropout == 0)
+
+
+# %% Harness: checkpoints, resume, DDP -----------------------------------------------------------
+# Checkpoints hold tensors and plain values only (torch.load(weights_only=True) reads them) and
+# are written atomically; --resume continues a run bit for bit; torchrun runs one process per GPU.
+def save_checkpoint(path, ckpt):
+    """Write to a temporary file beside `path`, fsync, then rename over it: a crash at any moment
+    leaves either the old checkpoint or the new one, never half of one."""
+    d = os.path.dirname(path) or '.'
+    fd, tmp = tempfile.mkstemp(dir=d, prefix='.ckpt-', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    with contextlib.suppress(OSError):   # make the rename itself durable
+        dfd = os.open(d, os.O_RDONLY)
+        os.fsync(dfd)
+        os.close(dfd)
+
+def load_checkpoint(path):
+    """Load with weights_only=True: tensors and plain values only, so a hostile file cannot run code."""
+    if not os.path.exists(path):
+        raise CliError(f'no checkpoint at {path}; train one with: python mdlm.py --train')
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise CliError(f'{path} is not a loadable checkpoint ({reason})')
+    keys = {'model', 'optimizer', 'config', 'vocab', 'iter', 'best_val', 'args', 'rng'}
+    if not isinstance(ckpt, dict) or ckpt.get('format') != 'mdlm-1' or not keys <= ckpt.keys():
+        raise CliError(f'{path} is not an mdlm checkpoint')
+    return ckpt
+
+def model_from_checkpoint(ckpt, device='cpu'):
+    try:
+        config = ModelConfig(**ckpt['config'])
+        model = MDLM(config)
+        model.load_state_dict(ckpt['model'])
+        tok = Tokenizer(ckpt['vocab'])
+        if tok.vocab_size != config.vocab_size:
+            raise ValueError('vocabulary and model disagree')
+    except Exception as e:
+        raise CliError(f'the checkpoint does not hold a valid mdlm model ({type(e).__name__})')
+    return model.to(device).eval(), tok
+
+def kind_name(config):
+    return 'gpt' if config.causal else 'diffusion'
+
+def refuse_other_kind(ckpt_path, causal):
+    """Training a GPT must never replace the diffusion model in the same directory, nor the reverse."""
+    if os.path.exists(ckpt_path):
+        other = load_checkpoint(ckpt_path)
+        if other['config'].get('causal', False) != causal:
+            raise CliError(f'{ckpt_path} holds a {"diffusion" if causal else "gpt"} model; '
+                           f'training a {"gpt" if causal else "diffusion"} model would replace it: '
+                           f'choose another --out-dir')
+
+def ddp_setup(device_arg):
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: one process per device, nanoGPT style."""
+    if int(os.environ.get('WORLD_SIZE', 1)) == 1:
+        return 0, 1, pick_device(device_arg)
+    import torch.distributed as dist
+    rank, world, local = (int(os.environ[k]) for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'))
+    device = device_arg or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if device.startswith('cuda'):
+        device = f'cuda:{local}'
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    return rank, world, device
+
+class StopRequested(Exception):
+    pass
+
+ARCH_FLAGS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'use_time', 'rope', 'causal')   # fixed by a checkpoint
+TRAIN_FLAGS = ('batch_size', 'max_iters', 'lr', 'min_lr', 'warmup_iters', 'weight_decay', 'grad_accum',
+               'eval_interval', 'eval_iters', 'log_interval', 'schedule', 't_proposal',
+               'complementary', 'loss')                                        # may change on --resume
+FLAG_NAMES = {'causal': 'gpt', 'use_time': 'time'}    # dest -> the flag a user types
+BEFORE_FLAG = dict(schedule='cosine', t_proposal='uniform', complementary=False, loss='nelbo')   # checkpoints older than these flags
+
+def resume_config(ckpt, args):
+    """--resume: the checkpoint's architecture wins (asking for another is refused), and training
+    flags not given again keep their saved values. Returns the config and the flags changed."""
+    saved = ckpt['config']
+    for name in ARCH_FLAGS:
+        if name in args.explicit and getattr(args, name) != saved.get(name, False):
+            raise CliError(f'cannot resume with {flag(name)} {getattr(args, name)}: '
+                           f'the checkpoint was trained with {saved.get(name, False)}')
+    changed = []
+    for name in TRAIN_FLAGS:
+        saved_value = ckpt['args'].get(name, BEFORE_FLAG.get(name, getattr(args, name)))
+        if name not in args.explicit:
+            setattr(args, name, saved_value)
+        elif getattr(args, name) != saved_value:
+            changed.append(f'{name}: {saved_value} -> {getattr(args, name)}')
+    if args.data == DEFAULT_DATA and ckpt['args'].get('data'):   # the text it was trained on
+        args.data = ckpt['args']['data']
+    config = ModelConfig(**saved)
+    if 'dropout' in args.explicit and args.dropout != config.dropout:
+        changed.append(f'dropout: {config.dropout} -> {args.dropout}')
+        config.dropout = args.dropout
+    for name in ARCH_FLAGS:
+        setattr(args, name, getattr(config, name))
+    return config, changed
+
+def restore_state(ckpt, model, optimizer, gen, args, device, rank, world):
+    model.load_state_dict(ckpt['model'])
+    optimizer.load_state_dict(ckpt['optimizer'])
+    optimizer.param_groups[0]['weight_decay'] = args.weight_decay     # the flag wins over the saved one
+    try:
+        gen.set_state(ckpt['rng']['gen'])
+        torch.set_rng_state(ckpt['rng']['torch'])
+        if device.startswith('cuda') and ckpt['rng'].get('cuda') is not None:
+            torch.cuda.set_rng_state(ckpt['rng']['cuda'])
+    except (RuntimeError, TypeError, ValueError):
+        raise CliError('the checkpoint\'s random state is from another kind of device; '
+                       'resume on the device it was trained on')
+    if world > 1:        # only rank 0's dropout RNG was saved: give the other ranks their own again
+        torch.manual_seed(args.seed + rank + 1_000_003 * ckpt['iter'])
+    return ckpt['iter'], ckpt['best_val']
+
+def append_log(path, fresh, row):
+    """<out-dir>/log.csv: one row per evaluation (--plot draws it)."""
+    with open(path, 'w' if fresh else 'a', newline='') as f:
+        w = csv.writer(f)
+        if fresh:
+            w.writerow(['step', 'train_nelbo', 'val_nelbo', 'val_se', 'seconds'])
+        w.writerow(row)
+
+def any_rank(flag, device, world):
+    """True on every rank when `flag` is true on any (so all ranks stop at the same step)."""
+    if world == 1:
+        return bool(flag)
+    import torch.distributed as dist
+    f = torch.tensor([float(bool(flag))], device=device)
+    dist.all_reduce(f, op=dist.ReduceOp.MAX)
+    return f.item() > 0
+
+def compiled_or_eager(model, batch_size, config, device, autocast, log):
+    """torch.compile, tried at once on one forward and backward of the training shape and
+    precision (so its compile time falls inside the run's wall time, and is spent once); if it
+    cannot compile, one line and eager."""
+    try:
+        compiled = torch.compile(model)
+        xt = torch.full((batch_size, config.block_size), config.vocab_size - 1, device=device)
+        t = None if config.causal else torch.full((batch_size,), 0.5, device=device)
+        with autocast():
+            out = compiled(xt, t)[..., :-1].sum()
+        out.backward()
+        model.zero_grad(set_to_none=True)
+        return compiled
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
+        log(f'--compile: could not compile ({reason}); training without it')
+        model.zero_grad(set_to_none=True)
+        return model
+
+
+# %% Harness: the training run -------------------------------------------------------------------
+# train_step in a loop, with everything a long run needs around it: seeding, the fast path,
+# compile, DDP, periodic evals logged to <out-dir>/log.csv, atomic checkpoints, Ctrl-C that
+# saves, and --resume.
+def train(args):
+    started = time.time()            # the run's wall clock: start-up, compile and evals included
+    rank, world, device = ddp_setup(args.device)
+    master = rank == 0
+    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if master else (lambda *a: None)
+    preset = resolve(args, device.split(':')[0])
+    ckpt_path, log_path = os.path.join(args.out_dir, 'ckpt.pt'), os.path.join(args.out_dir, 'log.csv')
+    ckpt = load_checkpoint(ckpt_path) if args.resume else None
+    if master:    # a save killed mid-write leaves its temporary file; this run owns the directory now
+        for stale in glob.glob(os.path.join(glob.escape(args.out_dir), '.ckpt-*.tmp')):
+            with contextlib.suppress(OSError):
+                os.remove(stale)
+
+    # 1) the model's shape and the training flags: a resumed run's come from its checkpoint
+    if ckpt:
+        config, changed = resume_config(ckpt, args)
+        preset = 'from checkpoint'
+    text = load_text(args.data, allow_download=args.data == DEFAULT_DATA)
+    tok = Tokenizer(ckpt['vocab']) if ckpt else Tokenizer.from_text(text)
+    if not ckpt:
+        refuse_other_kind(ckpt_path, args.causal)
+        config = ModelConfig(vocab_size=tok.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
+                             n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
+                             use_time=args.use_time, rope=args.rope, causal=args.causal)
+    # 2) data: the whole token tensor lives on the device (1.1M chars: a few MB), no loader needed
+    train_data, val_data = (d.to(device) for d in split_data(text, tok, config.block_size))
+
+    # 3) model, AdamW (weight decay on matrices only), and one generator for batches and noise:
+    # every rank draws the same global batch and noise and keeps its slice, so N ranks x A micro-
+    # batches see exactly the batches (and the stratified t) of one process with an N*A times larger batch
+    torch.manual_seed(args.seed + rank)      # dropout differs per rank; data and noise do not
+    model = MDLM(config).to(device)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, fused=device.startswith('cuda'))
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    it, best_val = 0, float('inf')
+    if ckpt:
+        it, best_val = restore_state(ckpt, model, optimizer, gen, args, device, rank, world)
+        log(f'resuming from {ckpt_path} at step {it}' + (f' ({", ".join(changed)})' if changed else ''))
+    if device.startswith('cuda'):   # TF32 matmuls: ~fp32 accuracy at tensor-core speed
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    raw_model = model                # what gets saved: never the compiled or DDP-wrapped one
+    autocast, fused = fast_path(device, args.dtype, config.dropout)
+    raw_model.set_fused_attention(fused)
+    if args.compile:
+        model = compiled_or_eager(model, args.batch_size, config, device, autocast, log)
+    compiled = model is not raw_model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        model = DistributedDataParallel(model, device_ids=[device] if device.startswith('cuda') else None)
+    log(f'device {device}{f" x {world}" if world > 1 else ""} | preset {preset} | {kind_name(config)} | '
+        f'{raw_model.num_params() / 1e6:.2f}M parameters | {asdict(config)}')
+    log(f'fast path: {"bfloat16 autocast" if autocast is not contextlib.nullcontext else "float32"}, '
+        f'{"fused" if fused else "manual"} attention{", torch.compile" if compiled else ""}; '
+        f'evaluations in float32')
+
+    def check_finite(loss, iteration):
+        """A non-finite loss ends the run before anything is saved: the last good checkpoint stays."""
+        if loss is not None and not math.isfinite(loss.item()):
+            raise CliError(f'the loss is not finite at step {iteration}; kept the last good checkpoint {ckpt_path}')
+
+    def save(iteration):
+        if master:
+            os.makedirs(args.out_dir, exist_ok=True)
+            save_checkpoint(ckpt_path, {
+                'format': 'mdlm-1', 'kind': kind_name(config), 'model': raw_model.state_dict(),
+                'optimizer': optimizer.state_dict(),
+                'config': asdict(config), 'vocab': tok.itos, 'iter': iteration, 'best_val': best_val,
+                'args': {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
+                'rng': {'gen': gen.get_state(), 'torch': torch.get_rng_state(),
+                        'cuda': torch.cuda.get_rng_state() if device.startswith('cuda') else None}})
+
+    # 4) Ctrl-C / SIGTERM only raise a flag: the step in flight finishes, then we save and stop
+    stop = []
+    old_handlers = {s: signal.signal(s, lambda signum, frame: stop.append(signum))
+                    for s in (signal.SIGINT, signal.SIGTERM)}
+    B, T, A = args.batch_size, config.block_size, args.grad_accum
+    start_it, loss = it, None
+    t_steps, it_steps = time.time(), it     # step timing restarts after each eval: ms/step is training alone
+    try:
+        while True:
+            # 5) evaluate and checkpoint (not again at the step a resumed run starts from)
+            if (it % args.eval_interval == 0 or it == args.max_iters) and not (ckpt and it == start_it):
+                check_finite(loss, it)
+                train_nelbo, _ = estimate_loss(raw_model, train_data, args.eval_iters, B)
+                val_nelbo, val_se = estimate_loss(raw_model, val_data, args.eval_iters, B)
+                best_val = min(best_val, val_nelbo)
+                name = 'nll' if config.causal else 'nelbo'
+                log(f'step {it} | train {name} {train_nelbo:.4f} | val {name} {val_nelbo:.4f} '
+                    f'+- {val_se:.4f} nats/char ({val_nelbo / math.log(2):.4f} bits/char) '
+                    f'| {time.time() - started:.0f}s')
+                if master:
+                    os.makedirs(args.out_dir, exist_ok=True)
+                    append_log(log_path, not ckpt and it == 0 or not os.path.exists(log_path),
+                               [it, f'{train_nelbo:.5f}', f'{val_nelbo:.5f}', f'{val_se:.5f}', f'{time.time() - started:.1f}'])
+                save(it)
+                t_steps, it_steps = time.time(), it
+            if it >= args.max_iters:
+                break
+            if (world == 1 or it % args.log_interval == 0) and any_rank(stop, device, world):
+                raise StopRequested
+            # 6) one step of train_step on A micro-batches (A = --grad-accum) of this rank's B rows
+            batch = training_batch(train_data, A * world * B, T, tok.mask_id, gen, config.causal,
+                                   args.t_proposal, args.complementary)   # A * world * B rows, t stratified over all
+            micro = [tuple(a if a is None else a[(m * world + rank) * B:(m * world + rank + 1) * B] for a in batch)
+                     for m in range(A)]
+            lr = get_lr(it, args)
+            loss = train_step(model, optimizer, micro, lr, args.loss, autocast)   # the step's mean
+            it += 1
+            if it % args.log_interval == 0 or it == args.max_iters:   # the only host sync in the loop
+                check_finite(loss, it)
+                lossf = loss.item()                                     # this rank's step mean
+                dt = (time.time() - t_steps) / (it - it_steps)
+                log(f'step {it} | loss {lossf:.4f} | lr {lr:.1e} | {dt * 1000:.1f}ms | '
+                    f'{B * T * A * world / dt:,.0f} tok/s | eta {dt * (args.max_iters - it):.0f}s')
+        log(f'done: best val {"nll" if config.causal else "nelbo"} {best_val:.4f} nats/char; '
+            f'latest checkpoint in {ckpt_path}')
+        return best_val
+    except StopRequested:
+        check_finite(loss, it)
+        save(it)
+        log(f'stopped at step {it}; saved {ckpt_path}. Resume with: python mdlm.py --train --resume'
+            + (f' --out-dir {args.out_dir}' if args.out_dir != 'out' else ''))   # --data: remembered
+        raise SystemExit(130)
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        if world > 1:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+# %% Harness: generation, evaluation and scoring from the command line ---------------------------
 def load_for_inference(args):
     device = pick_device(args.device)
     ckpt = load_checkpoint(os.path.join(args.out_dir, 'ckpt.pt'))
@@ -1122,15 +1289,15 @@ def run_generation(args):
     opts = sampler_options(args, g, show_frames(tok) if args.show else None)
     if args.infill is not None:
         ids = parse_infill(args.infill, tok)
-        out, _ = infill(model, ids, args.num_samples, best_of=args.best_of or 1, **opts)
+        out, _ = infill(model, ids, args.num_samples, best_of=args.best_of or SAMPLER_DEFAULTS['best_of'], **opts)
     else:
         prompt = args.complete if args.complete is not None else ''
         if args.complete is not None and not prompt:
             raise CliError('the prompt is empty: give some text to continue, or use --sample')
         ids = tok.encode(prompt)
         if model.config.causal:          # a GPT slides over any prompt
-            out, _ = gpt_generate(model, ids, args.length or T, args.num_samples, args.temperature, args.top_k, g,
-                                  args.top_p or 1.0)
+            out, _ = gpt_generate(model, ids, args.length or T, args.num_samples, opts['temperature'], args.top_k, g,
+                                  opts['top_p'])
         else:
             if len(ids) >= T:
                 raise CliError(f'the prompt is {len(ids)} characters; it must leave room in the '
@@ -1147,13 +1314,14 @@ def sampler_options(args, generator, on_step=None):
     if not {'rule', 'steps', 'semi_ar'} & args.explicit:
         plan = DEFAULT_SAMPLER                  # nothing chosen: the frontier's pick (README)
     else:                                       # anything chosen: plain blocks, 64 steps, unless said
-        plan = dict(rule=args.rule or DEFAULT_SAMPLER['rule'], steps=args.steps or 64, semi_ar=args.semi_ar)
+        plan = dict(rule=args.rule or DEFAULT_SAMPLER['rule'], steps=args.steps or SAMPLER_DEFAULTS['steps'],
+                    semi_ar=args.semi_ar)
     for name, its_rule in SAMPLER_FLAGS.items():
         if name in args.explicit and plan['rule'] != its_rule:
             raise CliError(f'{flag(name)} is for --rule {its_rule}, not {plan["rule"]}')
-    return dict(plan, temperature=args.temperature, top_k=args.top_k, generator=generator, on_step=on_step,
-                top_p=args.top_p or 1.0, choice_temperature=args.choice_temperature or 0.0,
-                threshold=0.9 if args.threshold is None else args.threshold, remask=args.remask or 0.0)
+    chosen = {k: SAMPLER_DEFAULTS[k] if getattr(args, k) is None else getattr(args, k)
+              for k in ('temperature', 'top_p', 'choice_temperature', 'threshold', 'remask')}
+    return dict(plan, **chosen, top_k=args.top_k, generator=generator, on_step=on_step)
 
 def load_judge(out_dir, tok, device):
     """--judge DIR: the GPT checkpoint that scores samples; it must read the same characters."""
@@ -1262,7 +1430,7 @@ def run_eval(args):
     if args.infill_eval:
         split = int(0.9 * len(text))
         opts = {} if model.config.causal else dict(
-            sampler_options(args, torch.Generator(device=device).manual_seed(args.seed)), best_of=args.best_of or 1)
+            sampler_options(args, torch.Generator(device=device).manual_seed(args.seed)), best_of=args.best_of or SAMPLER_DEFAULTS['best_of'])
         how = ('ranks every training word of the length (the GPT cannot see past the blank)' if model.config.causal
                else f'fills with --infill\'s sampler: {opts["rule"]}, {opts["steps"]} steps, semi-ar '
                     f'{opts["semi_ar"]}, best of {opts["best_of"]}')
@@ -1301,6 +1469,8 @@ def run_score(args):
     print(f'{args.score}: {bits:.4f} bits/char ({len(ids)} chars; {what})')
     return 0
 
+
+# %% Harness: plot and bench ---------------------------------------------------------------------
 def run_plot(args):
     path = os.path.join(args.out_dir, 'log.csv')
     try:
@@ -1359,7 +1529,7 @@ def run_bench(args):
                          use_time=args.use_time, rope=args.rope)
     torch.manual_seed(args.seed)
     model = MDLM(config).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.startswith('cuda'))
+    optimizer = make_optimizer(model, 1e-4, 0.1, fused=device.startswith('cuda'))
     autocast, default_fused = fast_path(device, args.dtype)
     B, T = args.batch_size, config.block_size
     g = torch.Generator(device=device).manual_seed(args.seed)
@@ -1367,28 +1537,16 @@ def run_bench(args):
     print(f'bench: device {device} | preset {preset} | {model.num_params() / 1e6:.2f}M parameters | '
           f'batch {B} x block {T} | threads {torch.get_num_threads()}')
     def step(fused):
-        for block in model.blocks:
-            block.attn.fused = fused
-        t, _ = draw_t(B, g, device)
+        model.set_fused_attention(fused)
+        t, w = draw_t(B, g, device)
         xt, mask = forward_mask(x0, t, 65, g)
-        with autocast():
-            loss = nelbo_loss(model(xt, t), x0, mask, t)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, optimizer, [(x0, xt, mask, t, w)], 1e-4, autocast=autocast)
     # the GPT twin: causal attention, no time, next-character loss, nothing to mask
     gpt = MDLM(ModelConfig(**{**asdict(config), 'use_time': False, 'causal': True})).to(device)
-    for block in gpt.blocks:
-        block.attn.fused = default_fused
-    gpt_opt = torch.optim.AdamW(gpt.parameters(), lr=1e-4, fused=device.startswith('cuda'))
+    gpt.set_fused_attention(default_fused)
+    gpt_opt = make_optimizer(gpt, 1e-4, 0.1, fused=device.startswith('cuda'))
     def gpt_step():
-        with autocast():
-            loss = gpt_loss(gpt(gpt_input(x0, 65), None), x0)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(gpt.parameters(), 1.0)
-        gpt_opt.step()
-        gpt_opt.zero_grad(set_to_none=True)
+        train_step(gpt, gpt_opt, [(x0, gpt_input(x0, 65), None, None, None)], 1e-4, autocast=autocast)
     variants = {'diffusion, fused sdpa': lambda: step(True), 'diffusion, manual attention': lambda: step(False),
                 'a GPT of the same shape': gpt_step}
     # three rounds, the variants taking turns, best round of each: a noisy machine slows some
@@ -1399,11 +1557,11 @@ def run_bench(args):
         for name, fn in variants.items():
             fn()
             sync()
-            t0 = time.time()
+            tic = time.time()
             for _ in range(n):
                 fn()
             sync()
-            best[name] = min(best[name], (time.time() - t0) / n)
+            best[name] = min(best[name], (time.time() - tic) / n)
     for name, dt in best.items():
         line = f'train ({name}): {dt * 1000:.1f} ms/step, {B * T / dt:,.0f} tok/s'
         if device.startswith('cuda'):    # MFU against an H100 SXM's dense bf16 peak (989 TFLOP/s), whatever the GPU
@@ -1416,75 +1574,24 @@ def run_bench(args):
           f'{(fused if default_fused else manual) / gpt_dt:.2f}x')
     model.eval()
     gpt.eval()
-    for block in model.blocks:
-        block.attn.fused = True
-    L, S = args.length or T, args.steps or 64
+    model.set_fused_attention(True)
+    L, S = args.length or T, args.steps or SAMPLER_DEFAULTS['steps']
     samplers = {rule: (lambda rule=rule: generate_text(model, [], L, args.num_samples, S, rule, generator=g))
                 for rule in RULES}
     samplers['gpt'] = lambda: gpt_generate(gpt, [], L, args.num_samples, generator=g)
     for name, fn in samplers.items():
         sync()
-        t0 = time.time()
+        tic = time.time()
         _, calls = fn()
         sync()
-        dt = time.time() - t0
+        dt = time.time() - tic
         what = f'{name} rule at {S} steps' if name in RULES else 'the GPT twin, one pass a character'
         print(f'sample ({what}): {args.num_samples} x {L} chars: '
               f'{args.num_samples * L / dt:,.0f} chars/s, {calls / (args.num_samples * L):.2f} model calls per char')
     return 0
 
-def pick_device(requested=None):
-    if requested:
-        try:
-            kind, index = torch.device(requested).type, torch.device(requested).index
-        except RuntimeError:
-            kind, index = None, None
-        if kind not in ('cpu', 'cuda', 'mps'):
-            raise CliError(f'unknown --device {requested}: use cpu, cuda, cuda:N or mps')
-        if kind == 'cuda' and (not torch.cuda.is_available() or (index or 0) >= torch.cuda.device_count()) or \
-                kind == 'mps' and not (hasattr(torch.backends, 'mps') and torch.backends.mps.is_available()):
-            raise CliError(f'--device {requested} is not available on this machine')
-        return requested
-    if torch.cuda.is_available():
-        return 'cuda'
-    if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
-        return 'mps'
-    return 'cpu'
 
-def cpu_has_bf16():
-    """True where the CPU computes bfloat16 natively (x86 avx512_bf16 or AMX). Elsewhere bf16
-    autocast is emulated and measured 17x slower than float32, so it must never be the default."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            flags = f.read()
-    except OSError:          # not Linux (macOS, Windows): no claim, float32
-        return False
-    return bool(re.search(r'\b(avx512_bf16|amx_bf16)\b', flags))
-
-def fast_path(device, dtype, dropout=0.0):
-    """The fastest correct way to train on `device`: (autocast context, fused attention?).
-    bf16 autocast on a GPU that supports it and on a CPU with native bf16; float32 elsewhere.
-    On a CPU the plain attention formula beats the fused kernel (it has no dropout: fused then)."""
-    kind = device.split(':')[0]
-    if dtype == 'auto':
-        bf16 = torch.cuda.is_bf16_supported() if kind == 'cuda' else kind == 'cpu' and cpu_has_bf16()
-        dtype = 'bfloat16' if bf16 else 'float32'
-    autocast = (lambda: torch.autocast(device_type=kind, dtype=torch.bfloat16)) if dtype == 'bfloat16' \
-        else contextlib.nullcontext
-    return autocast, not (kind == 'cpu' and dropout == 0)
-
-def kind_name(config):
-    return 'gpt' if config.causal else 'diffusion'
-
-def refuse_other_kind(ckpt_path, causal):
-    """Training a GPT must never replace the diffusion model in the same directory, nor the reverse."""
-    if os.path.exists(ckpt_path):
-        other = load_checkpoint(ckpt_path)
-        if other['config'].get('causal', False) != causal:
-            raise CliError(f'{ckpt_path} holds a {"diffusion" if causal else "gpt"} model; '
-                           f'training a {"gpt" if causal else "diffusion"} model would replace it: '
-                           f'choose another --out-dir')
-
+# %% Harness: the command line -------------------------------------------------------------------
 def int_in(lo, hi=None):
     """An argparse type: an integer in [lo, hi] (no upper end when hi is None)."""
     def parse(s):
@@ -1522,12 +1629,6 @@ def probability(s):
         raise argparse.ArgumentTypeError(f'must be in [0, 1), got {s}')
     return v
 
-ARCH_FLAGS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'use_time', 'rope', 'causal')   # fixed by a checkpoint
-TRAIN_FLAGS = ('batch_size', 'max_iters', 'lr', 'min_lr', 'warmup_iters', 'weight_decay', 'grad_accum',
-               'eval_interval', 'eval_iters', 'log_interval', 'schedule', 't_proposal',
-               'complementary', 'loss')                                        # may change on --resume
-FLAG_NAMES = {'causal': 'gpt', 'use_time': 'time'}    # dest -> the flag a user types
-BEFORE_FLAG = dict(schedule='cosine', t_proposal='uniform', complementary=False, loss='nelbo')   # checkpoints older than these flags
 SAMPLER_FLAGS = {'choice_temperature': 'confidence', 'threshold': 'threshold', 'remask': 'ancestral'}  # -> its rule
 DIFFUSION_ONLY = ('use_time', 't_proposal', 'complementary', 'loss', 'steps', 'rule', 'show', 'semi_ar', 'best_of',
                   *SAMPLER_FLAGS)                                              # meaningless for a GPT
@@ -1558,73 +1659,73 @@ def build_parser():
     mode.add_argument('--plot', action='store_true', help='plot <out-dir>/log.csv')
     mode.add_argument('--bench', action='store_true', help='measure training and sampling speed')
     mode.add_argument('--frontier', action='store_true', help='score sampler settings with --judge DIR (a GPT)')
-    m = p.add_argument_group('model (default: from --preset)')
-    m.add_argument('--preset', choices=['auto', 'base', 'tiny'], default='auto',
+    shape = p.add_argument_group('model (default: from --preset)')
+    shape.add_argument('--preset', choices=['auto', 'base', 'tiny'], default='auto',
                    help='auto: base on cuda, tiny on cpu and mps')
-    m.add_argument('--n-layer', type=positive_int)
-    m.add_argument('--n-head', type=positive_int)
-    m.add_argument('--n-embd', type=positive_int)
-    m.add_argument('--block-size', type=positive_int)
-    m.add_argument('--dropout', type=probability)
-    m.add_argument('--time', dest='use_time', action=argparse.BooleanOptionalAction, default=None,
+    shape.add_argument('--n-layer', type=positive_int)
+    shape.add_argument('--n-head', type=positive_int)
+    shape.add_argument('--n-embd', type=positive_int)
+    shape.add_argument('--block-size', type=positive_int)
+    shape.add_argument('--dropout', type=probability)
+    shape.add_argument('--time', dest='use_time', action=argparse.BooleanOptionalAction, default=None,
                    help='condition on t through adaLN (default: from the preset, off for tiny; --no-time: the model sees only the masks)')
-    m.add_argument('--rope', action=argparse.BooleanOptionalAction, default=None,
+    shape.add_argument('--rope', action=argparse.BooleanOptionalAction, default=None,
                    help='rotary positions (default: on; --no-rope: learned absolute positions)')
-    m.add_argument('--gpt', dest='causal', action='store_true', default=None,
+    shape.add_argument('--gpt', dest='causal', action='store_true', default=None,
                    help='with --train: the GPT twin (causal attention, next-character loss; into out-gpt/)')
-    t = p.add_argument_group('training')
-    t.add_argument('--batch-size', type=positive_int)
-    t.add_argument('--max-iters', type=nonneg_int)
-    t.add_argument('--eval-interval', type=positive_int)
-    t.add_argument('--eval-iters', type=positive_int, help='batches per NELBO estimate (--eval: default 100)')
-    t.add_argument('--infill-eval', action='store_true', default=None,
+    trainer = p.add_argument_group('training')
+    trainer.add_argument('--batch-size', type=positive_int)
+    trainer.add_argument('--max-iters', type=nonneg_int)
+    trainer.add_argument('--eval-interval', type=positive_int)
+    trainer.add_argument('--eval-iters', type=positive_int, help='batches per NELBO estimate (--eval: default 100)')
+    trainer.add_argument('--infill-eval', action='store_true', default=None,
                    help='with --eval: fill 100 blanked val words of 1, 3 and 5 letters, count the hits')
-    t.add_argument('--log-interval', type=positive_int)
-    t.add_argument('--lr', type=positive_float)
-    t.add_argument('--min-lr', type=nonneg_float)
-    t.add_argument('--warmup-iters', type=nonneg_int)
-    t.add_argument('--weight-decay', type=nonneg_float, help='AdamW, on matrices only (default 0.1)')
-    t.add_argument('--grad-accum', type=positive_int, help='micro-batches per step (default 1)')
-    t.add_argument('--schedule', choices=['cosine', 'wsd'], help='lr after warmup (default wsd: stable, then '
+    trainer.add_argument('--log-interval', type=positive_int)
+    trainer.add_argument('--lr', type=positive_float)
+    trainer.add_argument('--min-lr', type=nonneg_float)
+    trainer.add_argument('--warmup-iters', type=nonneg_int)
+    trainer.add_argument('--weight-decay', type=nonneg_float, help='AdamW, on matrices only (default 0.1)')
+    trainer.add_argument('--grad-accum', type=positive_int, help='micro-batches per step (default 1)')
+    trainer.add_argument('--schedule', choices=['cosine', 'wsd'], help='lr after warmup (default wsd: stable, then '
                    'linear decay over the last 20%%; cosine: cosine decay)')
-    t.add_argument('--t-proposal', choices=T_PROPOSALS, help='the density training draws t from, '
+    trainer.add_argument('--t-proposal', choices=T_PROPOSALS, help='the density training draws t from, '
                    'importance-weighted so the loss stays the NELBO (default cosine)')
-    t.add_argument('--loss', choices=['nelbo', 'naive'], help='nelbo (default): the bound; naive: the first '
+    trainer.add_argument('--loss', choices=['nelbo', 'naive'], help='nelbo (default): the bound; naive: the first '
                    'recipe, masked CE pooled over the batch with uniform t (evals still report the NELBO)')
-    t.add_argument('--complementary', action=argparse.BooleanOptionalAction, default=None,
+    trainer.add_argument('--complementary', action=argparse.BooleanOptionalAction, default=None,
                    help='each window twice, with complementary masks (default off)')
-    t.add_argument('--resume', action='store_true', help='continue from <out-dir>/ckpt.pt')
-    t.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
+    trainer.add_argument('--resume', action='store_true', help='continue from <out-dir>/ckpt.pt')
+    trainer.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
                    help='torch.compile the model (default: on a CPU with native bf16, where it was measured faster)')
-    g = p.add_argument_group('generation')
-    g.add_argument('--steps', type=positive_int, help='denoising steps per block (default: 8 with the default '
+    sampler = p.add_argument_group('generation')
+    sampler.add_argument('--steps', type=positive_int, help='denoising steps per block (default: 8 with the default '
                    'sampler, 64 once --rule or --semi-ar is given)')
-    g.add_argument('--rule', choices=RULES, help='which proposals to commit (default: confidence in --semi-ar 8 '
+    sampler.add_argument('--rule', choices=RULES, help='which proposals to commit (default: confidence in --semi-ar 8 '
                    'blocks, 8 steps each; see README)')
-    g.add_argument('--temperature', type=nonneg_float, default=1.0, help='0: argmax')
-    g.add_argument('--top-k', type=positive_int)
-    g.add_argument('--top-p', type=unit_float, help='nucleus: sample from the fewest tokens whose '
+    sampler.add_argument('--temperature', type=nonneg_float, help='0: argmax (default 1)')
+    sampler.add_argument('--top-k', type=positive_int)
+    sampler.add_argument('--top-p', type=unit_float, help='nucleus: sample from the fewest tokens whose '
                    'probabilities sum to P (default 1: all)')
-    g.add_argument('--choice-temperature', type=nonneg_float, metavar='TAU',
+    sampler.add_argument('--choice-temperature', type=nonneg_float, metavar='TAU',
                    help='--rule confidence: Gumbel noise on the ranking, annealed to 0 (default 0)')
-    g.add_argument('--threshold', type=probability, metavar='P',
+    sampler.add_argument('--threshold', type=probability, metavar='P',
                    help='--rule threshold: commit every proposal surer than P (default 0.9)')
-    g.add_argument('--remask', type=probability, metavar='ETA',
+    sampler.add_argument('--remask', type=probability, metavar='ETA',
                    help='--rule ancestral: ReMDM-cap remasking, at most ETA per step (default 0)')
-    g.add_argument('--best-of', type=positive_int, metavar='N',
+    sampler.add_argument('--best-of', type=positive_int, metavar='N',
                    help='--infill: draw N fills, keep the one the model finds likeliest (default 1)')
-    g.add_argument('--semi-ar', type=positive_int, metavar='N',
+    sampler.add_argument('--semi-ar', type=positive_int, metavar='N',
                    help='commit N characters at a time, left to right, --steps steps each (LLaDA)')
-    g.add_argument('--num-samples', type=positive_int, default=1)
-    g.add_argument('--length', type=positive_int, help='characters to generate (default: block_size)')
-    g.add_argument('--show', action='store_true', default=None, help='watch the denoising, step by step')
-    g.add_argument('--judge', metavar='DIR', help='score the samples with the GPT checkpoint in DIR')
-    c = p.add_argument_group('common')
-    c.add_argument('--data', default=DEFAULT_DATA, help='UTF-8 text (Tiny Shakespeare downloaded if absent)')
-    c.add_argument('--out-dir', help='where the checkpoint lives (default out/; out-gpt/ for --train --gpt)')
-    c.add_argument('--device', help='cuda, mps or cpu (default: the best available)')
-    c.add_argument('--dtype', choices=['auto', 'float32', 'bfloat16'], default='auto')
-    c.add_argument('--seed', type=seed_int, default=1337)
+    sampler.add_argument('--num-samples', type=positive_int, default=1)
+    sampler.add_argument('--length', type=positive_int, help='characters to generate (default: block_size)')
+    sampler.add_argument('--show', action='store_true', default=None, help='watch the denoising, step by step')
+    sampler.add_argument('--judge', metavar='DIR', help='score the samples with the GPT checkpoint in DIR')
+    common = p.add_argument_group('common')
+    common.add_argument('--data', default=DEFAULT_DATA, help='UTF-8 text (Tiny Shakespeare downloaded if absent)')
+    common.add_argument('--out-dir', help='where the checkpoint lives (default out/; out-gpt/ for --train --gpt)')
+    common.add_argument('--device', help='cuda, mps or cpu (default: the best available)')
+    common.add_argument('--dtype', choices=['auto', 'float32', 'bfloat16'], default='auto')
+    common.add_argument('--seed', type=seed_int, default=SEED)
     return p
 
 def resolve(args, device):
@@ -1686,5 +1787,5 @@ def main(argv=None):
         print('interrupted', file=sys.stderr)
         return 130
 
-if __name__ == '__main__':
+if __name__ == '__main__' and not NOTEBOOK:   # a notebook's kernel has arguments of its own
     sys.exit(main())
