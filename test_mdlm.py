@@ -6,15 +6,19 @@ Tests for mdlm.py. CPU only, tiny configs, fixed seeds. Run with:
 They need Tiny Shakespeare at ./input.txt (`python mdlm.py --train` downloads it; CI copies it).
 """
 
+import ast
+import inspect
 import io
 import itertools
 import math
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
 import time
+import types
 import urllib.error
 
 import pytest
@@ -1327,3 +1331,114 @@ def test_loss_naive_trains_with_the_pooled_masked_ce(text, tok, tmp_path, capsys
     assert 'val nelbo' in capsys.readouterr().err, 'evaluated as a bound all the same'
     ckpt = mdlm.load_checkpoint(str(tmp_path / 'ckpt.pt'))
     assert ckpt['args']['loss'] == 'naive' and ckpt['args']['t_proposal'] == 'uniform'
+
+
+# --- the file as a lesson and as a notebook -----------------------------------------------------
+
+def lesson_and_harness():
+    lines = open(os.path.join(HERE, 'mdlm.py'), encoding='utf-8').read().split('\n')
+    marks = [i for i, line in enumerate(lines) if 'THE LESSON IS COMPLETE' in line]
+    assert len(marks) == 1, 'one marked line ends the lesson'
+    return '\n'.join(lines[:marks[0]]), '\n'.join(lines[marks[0]:])
+
+def test_the_lesson_never_calls_into_the_harness():
+    lesson, harness = lesson_and_harness()
+    below = set()
+    for node in ast.parse(harness).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            below.add(node.name)
+        elif isinstance(node, ast.Assign):
+            below |= {n.id for t in node.targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    used = {n.id for n in ast.walk(ast.parse(lesson)) if isinstance(n, ast.Name)}
+    assert below and not used & below, f'the lesson uses harness names: {sorted(used & below)}'
+    headings = re.findall(r'(?m)^# %% (\d)\. ', lesson)
+    assert headings == [str(i) for i in range(1, 10)], f'sections 1..9 in order, each a cell: {headings}'
+    for name in ('train_step', 'generate', 'infill', 'estimate_loss', 'nelbo_loss', 'forward_mask'):
+        assert f'def {name}(' in lesson, f'{name} is part of the lesson'
+    for name in ('train', 'save_checkpoint', 'ddp_setup', 'build_parser', 'main', 'run_bench'):
+        assert f'def {name}(' in harness, f'{name} is harness'
+
+def test_train_step_is_about_ten_lines():
+    src = inspect.getsource(mdlm.train_step)
+    body = [line for line in src.split('\n')[1:] if line.strip() and not line.strip().startswith(('#', '"""'))
+            and not line.startswith('    autocast') and '"""' not in line]
+    assert len(body) <= 14, f'train_step has {len(body)} code lines'
+
+def test_the_file_runs_cell_by_cell_as_a_notebook(monkeypatch, capsys):
+    """Every '# %%' cell in order, in one namespace, as a Jupyter kernel runs them (no __file__,
+    ipykernel loaded, __name__ '__main__'), with 3 demo training steps: the demos load the data,
+    train, sample, complete, fill and score, and the last cell does not parse the kernel's argv."""
+    src = open(os.path.join(HERE, 'mdlm.py'), encoding='utf-8').read()
+    cells = re.split(r'(?m)^(?=# %%)', src)
+    assert len(cells) >= 15, len(cells)
+    monkeypatch.setitem(sys.modules, 'ipykernel', types.ModuleType('ipykernel'))
+    monkeypatch.chdir(HERE)
+    monkeypatch.setattr(sys, 'argv', ['ipykernel_launcher.py', '-f', '/tmp/kernel.json'])
+    ns = {'__name__': '__main__'}
+    for i, cell in enumerate(cells):
+        exec(compile(cell, f'<cell {i}>', 'exec'), ns)
+        if 'DEMO_ITERS' in ns:
+            ns['DEMO_ITERS'] = 3
+    out = capsys.readouterr().out
+    assert ns['NOTEBOOK'] is True and ns['DEFAULT_DATA'] == os.path.join(HERE, 'input.txt')
+    assert '1,115,394 characters' in out and 't=1.0' in out and 'step 2 | loss' in out, out
+    assert f'log 65 = {math.log(65):.3f}' in out and 'val NELBO' in out and 'To be, or not to ' in out, out
+    assert mdlm.MASK_GLYPH not in out.split('step 2 | loss')[1], 'every demo after training fills all its masks'
+
+def test_importing_leaves_the_demos_off():
+    assert mdlm.NOTEBOOK is False, 'imported (or run as a script), no demo runs'
+
+def test_generate_with_the_additions_off_is_the_textbook_loop():
+    """The plain MDLM sampler, written out: at each of N steps run the model on every row, draw a
+    proposal per position, and unmask each mask with probability (t - s) / t. generate with no
+    cache and the ancestral rule must give the same text, token for token, from the same seed,
+    and with the cache on too (it only skips passes whose input did not change)."""
+    model = tiny_model(use_time=True)
+    steps, mask_id = 16, 65
+    x = torch.full((3, 32), mask_id)
+    x[:, :4] = torch.tensor([1, 2, 3, 4])            # a prompt: given tokens
+    g = torch.Generator().manual_seed(7)
+    plain = x.clone()
+    with torch.no_grad():
+        for i in range(steps):
+            logits = model(plain, (plain == mask_id).float().mean(1))
+            tokens, _ = mdlm.propose(logits, 1.0, None, g)
+            t, s = 1 - i / steps, 1 - (i + 1) / steps
+            u = torch.rand(plain.shape, generator=g)
+            unmask = (plain == mask_id) & (u < ((i + 1) / steps - i / steps) / (1 - i / steps))   # (t - s) / t
+            plain = torch.where(unmask, tokens, plain)
+            if not (plain == mask_id).any():
+                break
+    for cache in (False, True):
+        out, _ = mdlm.generate(model, x, steps, 'ancestral', generator=torch.Generator().manual_seed(7), cache=cache)
+        assert torch.equal(out, plain), f'cache={cache}: generate is the textbook loop'
+
+def test_sampler_defaults_live_in_one_place():
+    sig = inspect.signature(mdlm.generate).parameters
+    for k in ('temperature', 'top_p', 'choice_temperature', 'threshold', 'remask'):
+        assert sig[k].default == mdlm.SAMPLER_DEFAULTS[k], k
+    assert inspect.signature(mdlm.infill).parameters['best_of'].default == mdlm.SAMPLER_DEFAULTS['best_of']
+    args = mdlm.build_parser().parse_args(['--sample'])
+    args.explicit = {k for k, v in vars(args).items() if v is not None}
+    opts = mdlm.sampler_options(args, None)
+    assert {k: opts[k] for k in mdlm.DEFAULT_SAMPLER} == mdlm.DEFAULT_SAMPLER
+    assert all(opts[k] == v for k, v in mdlm.SAMPLER_DEFAULTS.items() if k not in ('steps', 'best_of'))
+    args = mdlm.build_parser().parse_args(['--sample', '--rule', 'random'])
+    args.explicit = {k for k, v in vars(args).items() if v is not None}
+    assert mdlm.sampler_options(args, None)['steps'] == mdlm.SAMPLER_DEFAULTS['steps']
+    assert args.seed == mdlm.SEED
+
+def test_train_step_with_micro_batches_is_one_step_on_their_union(text, tok):
+    data = torch.tensor(tok.encode(text[:10000]))
+    batch = mdlm.training_batch(data, 8, 32, 65, torch.Generator().manual_seed(0), False, 'cosine')
+    halves = [tuple(a[:4] for a in batch), tuple(a[4:] for a in batch)]
+    params = []
+    for batches in ([batch], halves):
+        model = tiny_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss = mdlm.train_step(model.train(), opt, batches, 0.5)
+        assert opt.param_groups[0]['lr'] == 0.5, 'the step sets its learning rate'
+        assert all(p.grad is None for p in model.parameters()), 'gradients cleared after the update'
+        params.append((loss.item(), torch.cat([p.detach().flatten() for p in model.parameters()])))
+    (whole, p1), (split, p2) = params
+    assert whole == pytest.approx(split, abs=1e-5) and torch.allclose(p1, p2, atol=1e-6), 'accumulation is exact'
