@@ -207,13 +207,14 @@ def forward_mask(x0, t, mask_id, generator=None):
     return x0.masked_fill(mask, mask_id), mask
 
 def show_noise(text, tok, seed=0):
-    """The lesson's picture: one line at t = 0, 0.2, ..., 1. With 40% gone you can still read it."""
+    """The forward process pictured: one line at t = 0, 0.25, 0.5, 0.75, 1. With a quarter of its
+    characters gone a line is still easy to read; at half, a reader can still guess most words."""
     x0 = torch.tensor([tok.encode(text)])
     g = torch.Generator().manual_seed(seed)
     lines = []
-    for t in [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]:
+    for t in [0.0, 0.25, 0.5, 0.75, 1.0]:
         xt, _ = forward_mask(x0, torch.tensor([t]), tok.mask_id, g)
-        lines.append(f't={t:.1f}  {tok.decode(xt[0].tolist())}')
+        lines.append(f't={t:.2f}  {tok.decode(xt[0].tolist())}')
     return '\n'.join(lines)
 
 if NOTEBOOK:   # demo: one line of the play, destroyed a little more at each t
@@ -1260,13 +1261,16 @@ def load_for_inference(args):
           f'device {device}', file=sys.stderr)
     return model, tok, ckpt
 
-def show_frames(tok):
-    """--show: each step's text, redrawn in place on a terminal, else printed as a history."""
+def show_frames(tok, record=None):
+    """--show: each step's text, redrawn in place on a terminal, else printed as a history.
+    record: a list that also keeps every frame's first row (--png draws some of them)."""
     tty, frames = sys.stderr.isatty(), [0]     # frames counted here: semi-AR blocks restart i
     def on_step(i, x):
         frames[0] += 1
-        frame = '\n'.join(f'step {frames[0]:4d} | {tok.decode(row.tolist())}'.replace('\n', '\u21b5')
-                          for row in x)
+        rows = [f'step {frames[0]:4d} | {tok.decode(row.tolist())}'.replace('\n', '\u21b5') for row in x]
+        if record is not None:
+            record.append(rows[0])
+        frame = '\n'.join(rows)
         if tty and frames[0] > 1:
             sys.stderr.write(f'\x1b[{x.size(0)}F')    # cursor back up over the last frame
         sys.stderr.write(frame + '\n')
@@ -1286,7 +1290,8 @@ def run_generation(args):
         raise CliError('--best-of is for --infill (and --eval --infill-eval)')
     judge = load_judge(args.judge, tok, device) if args.judge is not None else None
     g = torch.Generator(device=device).manual_seed(args.seed)
-    opts = sampler_options(args, g, show_frames(tok) if args.show else None)
+    frames = []
+    opts = sampler_options(args, g, show_frames(tok, frames) if args.show else None)
     if args.infill is not None:
         ids = parse_infill(args.infill, tok)
         out, _ = infill(model, ids, args.num_samples, best_of=args.best_of or SAMPLER_DEFAULTS['best_of'], **opts)
@@ -1305,6 +1310,10 @@ def run_generation(args):
             out, _ = generate_text(model, ids, args.length or T, args.num_samples, **opts)
     texts = [tok.decode(row.tolist()) for row in out]
     sys.stdout.write(('\n' + '=' * 40 + '\n').join(texts) + '\n')
+    if args.png:                                   # nine frames, evenly spaced, the first and last among them
+        picks = sorted({round(i * (len(frames) - 1) / 8) for i in range(9)})
+        how = f'rule {opts["rule"]}, {opts["steps"]} steps' + (f' per block of {opts["semi_ar"]}' if opts['semi_ar'] else '')
+        text_picture([frames[i] for i in picks], args.png, f'text out of noise: {how} ({len(frames)} frames)')
     if judge is not None:
         print(judge_report(judge, tok, out, len(ids), args), file=sys.stderr)
     return 0
@@ -1396,12 +1405,9 @@ def run_frontier(args):
     print(f'{"setting":46} {"bits/char":>9} {"entropy":>8} {"calls/char":>10}')
     for name, bits, entropy, per_char in rows:
         print(f'{name:46} {bits:9.3f} {entropy:8.2f} {per_char:10.2f}')
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print('no frontier.png: matplotlib is not installed (pip install -r requirements.txt)')
+    plt = pyplot()
+    if plt is None:
+        print('no picture: matplotlib is not installed (pip install -r requirements.txt)')
         return 0
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, bits, entropy, _ in rows:
@@ -1410,13 +1416,13 @@ def run_frontier(args):
     ax.set(xlabel='unigram entropy of a sample (bits): low = repetitive', ylabel='bits/char under the GPT judge: low = plausible',
            title=f'samplers of {args.out_dir}/ckpt.pt, {B} x {L} chars')
     ax.grid(alpha=0.3)
-    path = os.path.join(args.out_dir, 'frontier.png')
-    fig.savefig(path, dpi=120, bbox_inches='tight')
-    print(f'wrote {path}')
+    save_picture(fig, args.png or os.path.join(args.out_dir, 'frontier.png'))
     return 0
 
 def run_eval(args):
     model, tok, ckpt = load_for_inference(args)
+    if model.config.causal and args.png:
+        raise CliError('--png with --eval draws the loss per noise level, and a GPT has no noise level')
     device = next(model.parameters()).device
     text = load_text(args.data, allow_download=args.data == DEFAULT_DATA)
     train_data, val_data = (d.to(device) for d in split_data(text, tok, model.config.block_size))
@@ -1447,6 +1453,14 @@ def run_eval(args):
     naive = ces[0:9:2]                                   # t = 0.1, 0.3, 0.5, 0.7, 0.9 from the table above
     print(f'naive average of the masked cross-entropy at t = 0.1, 0.3, ..., 0.9: {sum(naive) / 5:.4f} nats '
           f'(neither a bound nor a perplexity: not comparable with a GPT\'s loss)')
+    plt = pyplot() if args.png else None
+    if plt is not None:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(ts, ces, marker='o')
+        ax.set(xlabel='t: the fraction of characters masked', ylabel='nats per masked character', ylim=(0, None),
+               title=f'val cross-entropy per noise level, {args.out_dir}/ckpt.pt')
+        ax.grid(alpha=0.3)
+        save_picture(fig, args.png)
     return 0
 
 @torch.no_grad()
@@ -1471,35 +1485,67 @@ def run_score(args):
 
 
 # %% Harness: plot and bench ---------------------------------------------------------------------
-def run_plot(args):
-    path = os.path.join(args.out_dir, 'log.csv')
+def pyplot():
+    """matplotlib's pyplot, drawing into files (no display needed); None where it is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+def save_picture(fig, path):
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches='tight')
+    pyplot().close(fig)
+    print(f'wrote {path}', file=sys.stderr)
+
+def text_picture(lines, path, title):
+    """--png for text: the lines in a monospace font, one under the other ([MASK] drawn as MASK_GLYPH)."""
+    plt = pyplot()
+    if plt is None:
+        raise CliError('--png needs matplotlib: pip install -r requirements.txt')
+    fig = plt.figure(figsize=(0.085 * max(map(len, lines)) + 0.4, 0.25 * len(lines) + 0.5))
+    for i, line in enumerate(lines):
+        fig.text(0.02, 1 - (i + 0.8) / (len(lines) + 0.8), line, family='DejaVu Sans Mono', fontsize=10, va='top')
+    fig.suptitle(title, x=0.02, ha='left', fontsize=10)
+    save_picture(fig, path)
+
+def read_log(out_dir):
+    """(steps, {'train_nelbo': [...], 'val_nelbo': [...]}) from <out_dir>/log.csv (a GPT's columns hold its NLL)."""
+    path = os.path.join(out_dir, 'log.csv')
     try:
         with open(path, newline='') as f:
             rows = list(csv.DictReader(f))
         steps = [int(r['step']) for r in rows]
         curves = {k: [float(r[k]) for r in rows] for k in ('train_nelbo', 'val_nelbo')}
     except (OSError, KeyError, ValueError, TypeError):
-        raise CliError(f'no readable training log at {path}; train with --out-dir {args.out_dir} first')
+        raise CliError(f'no readable training log at {path}; train with --out-dir {out_dir} first')
     if not all(math.isfinite(v) for c in curves.values() for v in c):
         raise CliError(f'{path} holds a value that is not a finite number')
     if not rows:
         raise CliError(f'{path} has no evaluations yet')
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(ascii_chart(steps, curves))
+    return steps, curves
+
+def run_plot(args):
+    """--plot [DIR ...]: the training curves of each run (default: --out-dir) in one picture,
+    <out-dir>/loss.png or --png FILE; a terminal chart per run without matplotlib."""
+    dirs = args.plot or [args.out_dir or 'out']
+    logs = {d: read_log(d) for d in dirs}
+    plt = pyplot()
+    if plt is None:
+        for d, (steps, curves) in logs.items():
+            print(f'{d}:\n{ascii_chart(steps, curves)}')
         return 0
     fig, ax = plt.subplots(figsize=(7, 4))
-    for k, v in curves.items():
-        ax.plot(steps, v, marker='.', label=k.replace('_', ' '))
-    ax.set(xlabel='step', ylabel='NELBO (nats/char)', title='mdlm training')
+    for i, (d, (steps, curves)) in enumerate(logs.items()):
+        ax.plot(steps, curves['val_nelbo'], marker='.', color=f'C{i}', label=f'{d}: val')
+        ax.plot(steps, curves['train_nelbo'], linestyle=':', color=f'C{i}', label=f'{d}: train')
+    ax.set(xlabel='step', ylabel='nats/char (diffusion: NELBO bound; GPT: exact NLL)', title='training curves')
     ax.grid(alpha=0.3)
     ax.legend()
-    out = os.path.join(args.out_dir, 'loss.png')
-    fig.savefig(out, dpi=120, bbox_inches='tight')
-    print(f'wrote {out}')
+    save_picture(fig, args.png or os.path.join(dirs[0], 'loss.png'))
     return 0
 
 def ascii_chart(steps, curves, height=12, width=60):
@@ -1656,7 +1702,8 @@ def build_parser():
     mode.add_argument('--eval', action='store_true', help='the NELBO bound (a GPT: its exact NLL) on the val split')
     mode.add_argument('--score', metavar='FILE', help='bits/char of the text in FILE under the model')
     mode.add_argument('--show-noise', metavar='TEXT', help='print the forward process on TEXT')
-    mode.add_argument('--plot', action='store_true', help='plot <out-dir>/log.csv')
+    mode.add_argument('--plot', nargs='*', metavar='DIR', help='the training curves of each DIR/log.csv '
+                      '(default: --out-dir) in <first DIR>/loss.png or --png FILE')
     mode.add_argument('--bench', action='store_true', help='measure training and sampling speed')
     mode.add_argument('--frontier', action='store_true', help='score sampler settings with --judge DIR (a GPT)')
     shape = p.add_argument_group('model (default: from --preset)')
@@ -1726,6 +1773,8 @@ def build_parser():
     common.add_argument('--device', help='cuda, mps or cpu (default: the best available)')
     common.add_argument('--dtype', choices=['auto', 'float32', 'bfloat16'], default='auto')
     common.add_argument('--seed', type=seed_int, default=SEED)
+    common.add_argument('--png', metavar='FILE', help='draw a picture into FILE: --show-noise, --plot, --eval (loss '
+                        'per noise level), --frontier, and --sample/--complete/--infill with --show (frames)')
     return p
 
 def resolve(args, device):
@@ -1760,14 +1809,19 @@ def main(argv=None):
                 raise CliError('give some text to show the forward process on')
             tok = Tokenizer.from_text(load_text(args.data, allow_download=args.data == DEFAULT_DATA))
             print(show_noise(args.show_noise, tok, args.seed))
+            if args.png:
+                text_picture(show_noise(args.show_noise, tok, args.seed).split('\n'), args.png,
+                             'the forward process: each character masked with probability t')
             return 0
-        if args.plot:
+        if args.plot is not None:
             return run_plot(args)
         args.explicit = {k for k, v in vars(args).items() if v is not None}
         if args.out_dir is None:
             args.out_dir = 'out-gpt' if args.train and args.causal else 'out'
         if args.causal and not args.train:
             raise CliError('--gpt is for --train; every other mode reads the kind from the checkpoint')
+        if args.png and (args.train or args.bench or args.score is not None or not (args.eval or args.frontier or args.show)):
+            raise CliError('--png draws for --show-noise, --plot, --eval, --frontier, or a generation with --show')
         if args.train:
             train(args)
             return 0

@@ -146,8 +146,10 @@ def test_mask_rate_is_per_sample():
 
 def test_show_noise_picture(tok):
     lines = mdlm.show_noise('To be, or not to be', tok).splitlines()
-    assert len(lines) == 6
+    assert [line[:6] for line in lines] == ['t=0.00', 't=0.25', 't=0.50', 't=0.75', 't=1.00']
     assert lines[0].endswith('To be, or not to be') and lines[-1].endswith(mdlm.MASK_GLYPH * 19)
+    masked = [line.count(mdlm.MASK_GLYPH) for line in lines]
+    assert masked == sorted(masked) and masked[0] == 0, 'masks only accumulate as t grows'
 
 # -----------------------------------------------------------------------------
 # model
@@ -1442,3 +1444,40 @@ def test_train_step_with_micro_batches_is_one_step_on_their_union(text, tok):
         params.append((loss.item(), torch.cat([p.detach().flatten() for p in model.parameters()])))
     (whole, p1), (split, p2) = params
     assert whole == pytest.approx(split, abs=1e-5) and torch.allclose(p1, p2, atol=1e-6), 'accumulation is exact'
+
+
+# --- pictures -------------------------------------------------------------------------------------
+
+def png_ok(path):
+    with open(path, 'rb') as f:
+        assert f.read(8) == b'\x89PNG\r\n\x1a\n', f'{path} is a PNG'
+
+def test_every_picture_is_written_by_its_command(trained, trained_gpt, tmp_path, capsys):
+    runs = {'forward': ['--show-noise', 'To be, or not to be'],
+            'curves': ['--plot', trained, trained_gpt],
+            'levels': ['--eval', '--out-dir', trained, '--eval-iters', '4'],
+            'frames': ['--sample', '--show', '--out-dir', trained, '--rule', 'ancestral', '--steps', '12']}
+    for name, argv in runs.items():
+        path = tmp_path / 'pictures' / f'{name}.png'
+        assert mdlm.main([*argv, '--png', str(path), '--device', 'cpu', '--data', DATA]) == 0, name
+        png_ok(path)
+    err = capsys.readouterr().err
+    assert err.count('wrote ') == 4 and 'step   12 |' in err
+    assert mdlm.main(['--plot', trained]) == 0 and os.path.exists(os.path.join(trained, 'loss.png')), 'the default file'
+
+def test_frames_picture_draws_nine_frames_first_and_last(trained, tmp_path, monkeypatch):
+    drawn = {}
+    monkeypatch.setattr(mdlm, 'text_picture', lambda lines, path, title: drawn.update(lines=lines, title=title))
+    assert mdlm.main(['--sample', '--show', '--out-dir', trained, '--rule', 'random', '--steps', '20',
+                      '--png', str(tmp_path / 'f.png'), '--device', 'cpu']) == 0
+    steps = [int(line.split('|')[0].split()[1]) for line in drawn['lines']]
+    assert steps[0] == 1 and steps[-1] == 20 and len(steps) == 9 and steps == sorted(steps), steps
+    assert mdlm.MASK_GLYPH not in drawn['lines'][-1] and 'rule random, 20 steps' in drawn['title']
+
+def test_png_where_there_is_nothing_to_draw_is_refused(trained, trained_gpt, tmp_path, capsys):
+    for argv, needle in [(['--sample', '--out-dir', trained], '--png draws for'),
+                         (['--train', '--out-dir', str(tmp_path), *TINY], '--png draws for'),
+                         (['--eval', '--out-dir', trained_gpt], 'a GPT has no noise level')]:
+        assert mdlm.main([*argv, '--png', str(tmp_path / 'x.png'), '--device', 'cpu']) == 1, argv
+        assert needle in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / 'x.png') and not os.path.exists(tmp_path / 'ckpt.pt')
