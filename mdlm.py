@@ -89,6 +89,7 @@ DEFAULTS = dict(causal=False, rope=True, weight_decay=0.1, grad_accum=1, schedul
                 complementary=False, loss='nelbo')
 EPS = 1e-3          # training draws t from [EPS, 1]: t = 0 would mask nothing and weigh 1/t = inf
 EVAL_SEED = 1234    # every evaluation (training log, --eval) scores the same windows with the same masks
+EVAL_BATCHES = 100  # --eval's batches (the training log's evals take the preset's eval_iters, its first ones)
 MASK_GLYPH = '■'    # how a [MASK] is drawn on screen
 # The sampler when no flag chooses one: confidence, in semi-autoregressive blocks of 8 characters
 # with 8 steps each (one character a step). It read best on the README's frontier, at the GPT's
@@ -1426,7 +1427,7 @@ def run_eval(args):
     device = next(model.parameters()).device
     text = load_text(args.data, allow_download=args.data == DEFAULT_DATA)
     train_data, val_data = (d.to(device) for d in split_data(text, tok, model.config.block_size))
-    n, B = args.eval_iters or 100, args.batch_size or ckpt['args'].get('batch_size', 64)   # as in training
+    n, B = args.eval_iters or EVAL_BATCHES, args.batch_size or ckpt['args'].get('batch_size', 64)   # as in training
     for name, data in (('val', val_data), ('train', train_data)):
         mean, se = estimate_loss(model, data, n, B)    # the training log's windows, and more
         what = ('nll', f'perplexity {math.exp(mean):.3f} (exact: a GPT\'s likelihood)') if model.config.causal \
@@ -1724,7 +1725,8 @@ def build_parser():
     trainer.add_argument('--batch-size', type=positive_int)
     trainer.add_argument('--max-iters', type=nonneg_int)
     trainer.add_argument('--eval-interval', type=positive_int)
-    trainer.add_argument('--eval-iters', type=positive_int, help='batches per NELBO estimate (--eval: default 100)')
+    trainer.add_argument('--eval-iters', type=positive_int,
+                         help=f'batches per NELBO estimate (--eval: default {EVAL_BATCHES})')
     trainer.add_argument('--infill-eval', action='store_true', default=None,
                    help='with --eval: fill 100 blanked val words of 1, 3 and 5 letters, count the hits')
     trainer.add_argument('--log-interval', type=positive_int)
