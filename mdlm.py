@@ -54,11 +54,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-# %% 1. Config -------------------------------------------------------------------------------
-# The model's shape lives in a dataclass; each preset adds training defaults. Every default of
-# the program is in this cell: the shape, the presets, the training recipe, the sampler, the seed.
+# %% 1. Config -------------------------------------------------------------------------------------
+# The model's shape lives in a dataclass; each preset adds training defaults. Every default a
+# user would tune is in this cell: the shape, the presets, the training recipe, the sampler, the seed.
 
-@dataclass
 @dataclass
 class ModelConfig:
     vocab_size: int = 66     # 65 characters of Tiny Shakespeare + [MASK] (always the last id)
@@ -80,23 +79,26 @@ PRESETS = {
     'base': dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, use_time=True,
                  batch_size=64, max_iters=5000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
                  eval_interval=250, eval_iters=50, log_interval=10),
+    # tiny's max_iters: (with native bf16, in float32); the harness picks by the machine
     'tiny': dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, use_time=False,
                  batch_size=32, max_iters=(TINY_BF16_ITERS, TINY_FP32_ITERS), lr=2e-3, min_lr=1e-4,
                  warmup_iters=100, eval_interval=500, eval_iters=20, log_interval=100),
 }
-# what every preset shares; a flag given on the command line wins over both
+# what every preset shares; a flag given on the command line wins over both. The terms are
+# explained where they are used: t_proposal, complementary and loss in section 5, schedule in 6.
 DEFAULTS = dict(causal=False, rope=True, weight_decay=0.1, grad_accum=1, schedule='wsd', t_proposal='cosine',
                 complementary=False, loss='nelbo')
 EPS = 1e-3          # training draws t from [EPS, 1]: t = 0 would mask nothing and weigh 1/t = inf
 EVAL_SEED = 1234    # every evaluation (training log, --eval) scores the same windows with the same masks
-EVAL_BATCHES = 100  # --eval's batches (the training log's evals take the preset's eval_iters, its first ones)
+EVAL_BATCHES = 100  # --eval averages 100 seeded batches; the training log, the first eval_iters of them
 MASK_GLYPH = '■'    # how a [MASK] is drawn on screen
 # The sampler when no flag chooses one: confidence, in semi-autoregressive blocks of 8 characters
 # with 8 steps each (one character a step). It read best on the README's frontier, at the GPT's
 # cost of one model call per character.
 DEFAULT_SAMPLER = dict(rule='confidence', steps=8, semi_ar=8)
-# ... and each sampler setting when a flag leaves it out (generate's own defaults are these)
-SAMPLER_DEFAULTS = dict(steps=64, temperature=1.0, top_p=1.0, choice_temperature=0.0, threshold=0.9,
+# ... and each sampler setting when a flag leaves it out: the keyword defaults of generate and
+# infill (generate has no default for steps). The rules are explained in section 7.
+SAMPLER_FALLBACKS = dict(steps=64, temperature=1.0, top_p=1.0, choice_temperature=0.0, threshold=0.9,
                         remask=0.0, best_of=1)
 SEED = 1337         # training's batches and noise, and sampling, unless --seed says otherwise
 DATA_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
@@ -104,11 +106,11 @@ DATA_SHA256 = '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'
 HERE = os.path.dirname(os.path.abspath(__file__)) if '__file__' in globals() else os.getcwd()  # a notebook has no __file__
 DEFAULT_DATA = os.path.join(HERE, 'input.txt')
 # Opened as a notebook, the `if NOTEBOOK:` demos run as their cells do; imported or run as a
-# script, never. DEMO_ITERS training steps of the tiny preset take about a minute on a laptop CPU.
+# script, never. DEMO_ITERS training steps of the tiny preset take one to two minutes on a laptop CPU.
 NOTEBOOK = __name__ == '__main__' and 'ipykernel' in sys.modules
 DEMO_ITERS = 1000
 
-# %% 2. Data ---------------------------------------------------------------------------------
+# %% 2. Data ---------------------------------------------------------------------------------------
 # Tiny Shakespeare, a character tokenizer, and one extra token, [MASK].
 # A GPT's target is its input shifted by one. Here the target is the clean text itself: the
 # input is the same text with some characters hidden, and the model must say what was there.
@@ -195,7 +197,7 @@ if NOTEBOOK:   # demo: the text, its vocabulary, the two splits
           f'{len(train_data):,} for training, {len(val_data):,} held out')
     print(repr(tok.decode(train_data[:64].tolist())))
 
-# %% 3. The forward process ------------------------------------------------------------------
+# %% 3. The forward process ------------------------------------------------------------------------
 # How text is destroyed.
 # At time t in [0, 1] every character is replaced by [MASK] independently with probability t
 # (the linear schedule: alpha_t = 1 - t is the chance a character is still clean). t = 0 is the
@@ -211,17 +213,17 @@ def show_noise(text, tok, seed=0):
     """The forward process pictured: one line at t = 0, 0.25, 0.5, 0.75, 1. With a quarter of its
     characters gone a line is still easy to read; at half, a reader can still guess most words."""
     x0 = torch.tensor([tok.encode(text)])
-    g = torch.Generator().manual_seed(seed)
-    lines = []
+    u = torch.rand(x0.shape, generator=torch.Generator().manual_seed(seed))   # one draw for every t:
+    lines = []                                    # a character masked at t stays masked at every later t
     for t in [0.0, 0.25, 0.5, 0.75, 1.0]:
-        xt, _ = forward_mask(x0, torch.tensor([t]), tok.mask_id, g)
+        xt = x0.masked_fill(u < t, tok.mask_id)   # forward_mask's rule, u < t
         lines.append(f't={t:.2f}  {tok.decode(xt[0].tolist())}')
     return '\n'.join(lines)
 
 if NOTEBOOK:   # demo: one line of the play, destroyed a little more at each t
     print(show_noise('First Citizen: Before we proceed any further, hear me speak.', tok))
 
-# %% 4. The model ---------------------------------------------------------------------------
+# %% 4. The model ----------------------------------------------------------------------------------
 # A bidirectional transformer that reads xt (and t) and predicts x0 everywhere.
 # It is a GPT block for block, with three changes:
 #   1) no causal mask: every position attends to every other, both directions;
@@ -242,7 +244,8 @@ def rope_tables(block_size, head_dim, base=10000.0):
     return angles.cos(), angles.sin()
 
 def apply_rope(x, cos, sin):
-    """Rotate each pair (x1, x2) of channels of x (B, nh, T, hs) by its position's angle."""
+    """Rotate each pair of channels (j, j + hs/2) of x (B, nh, T, hs) by its position's angle (the
+    half-split layout of GPT-NeoX and LLaMA; the RoFormer paper pairs neighbours: the same idea)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
@@ -338,6 +341,7 @@ class MDLM(nn.Module):
         for block in self.blocks:
             if block.ada is not None:
                 nn.init.zeros_(block.ada.weight)
+        assert not (config.causal and config.use_time), 'the GPT twin has no time input: use_time=False'
 
     def time_embedding(self, t):
         """Sinusoids of t (B,) at geometric frequencies, then an MLP: (B, TIME_DIM)."""
@@ -378,7 +382,7 @@ if NOTEBOOK:   # demo: the tiny preset's model, untrained
     model = MDLM(config)
     print(f'{model.num_params() / 1e6:.2f}M parameters, {config}')
 
-# %% 5. The loss ----------------------------------------------------------------------------
+# %% 5. The loss -----------------------------------------------------------------------------------
 # First the intuitive version: mask with a random t, and average
 # the cross-entropy over the masked positions. It trains a fine denoiser, but it is not a bound.
 # The real objective is the continuous-time negative ELBO (MDLM eq. 10), per character:
@@ -400,7 +404,8 @@ def pooled_ce(logits, x0, mask):
 
 def naive_loss(model, x0, generator=None):
     """The first recipe: t ~ U(0, 1), masked CE pooled over the batch. Not a bound (it over-weights
-    large t, where most positions are masked). `--loss naive` trains with it."""
+    large t, where most positions are masked). `--loss naive` trains on this loss (through
+    batch_loss, with t stratified over the batch like the NELBO's)."""
     t = torch.rand(x0.size(0), generator=generator, device=x0.device)
     xt, mask = forward_mask(x0, t, model.config.vocab_size - 1, generator)
     return pooled_ce(model(xt, t), x0, mask)
@@ -419,8 +424,9 @@ def nelbo_loss(logits, x0, mask, t, weight=None):
 
 # Which t to train on. The NELBO is an integral over t, and any density q(t) may pick the t's
 # as long as each row is weighed by 1 / q(t): the mean is the same integral, only the spread
-# changes (importance sampling). 'uniform' is the plain draw. 'cosine' is the cosine noise
-# schedule, alpha = cos(pi u / 2), unmasked: in continuous time the NELBO does not depend on the
+# changes (importance sampling): a row drawn from q is weighed by (uniform density) / q(t).
+# 'uniform' is the plain draw. 'cosine' is the cosine noise schedule, alpha = cos(pi u / 2),
+# seen for what it is: in continuous time the NELBO does not depend on the
 # schedule, so a schedule only decides which mask rates training sees, with u uniform and
 # t = 1 - cos(pi u / 2), i.e. density q(t) = (2 / pi) / sqrt(t (2 - t)): more rows at small t.
 # Both are stratified over the batch (one u, shifted), MDLM's "antithetic" draw.
@@ -466,7 +472,7 @@ if NOTEBOOK:   # demo: untrained, the model guesses uniformly among 65 character
     x0 = get_batch(train_data, 32, config.block_size, gen)
     print(f'naive loss {naive_loss(model, x0, gen).item():.3f}, log 65 = {math.log(65):.3f}')
 
-# %% 6. One training step --------------------------------------------------------------------
+# %% 6. One training step --------------------------------------------------------------------------
 # AdamW, warmup then a stable learning rate and a decay (or cosine), gradient clipping. A step:
 # draw the batch and its noise (training_batch), forward, loss, backward, clip, update
 # (train_step). The logged, checkpointed run around it is the harness's train().
@@ -493,7 +499,7 @@ def training_batch(data, n, block_size, mask_id, generator, causal, proposal='un
         x0 = get_batch(data, n // 2, block_size, generator)
         t, w = draw_t(n // 2, generator, device, proposal, hi=1 - EPS)
         x0, xt, mask, t = complementary_masks(x0, t, mask_id, generator)
-        return x0, xt, mask, t, torch.cat([w, w])   # the twin's t = 1 - t has the same density
+        return x0, xt, mask, t, torch.cat([w, w])   # the twin at 1 - t keeps its pair's weight: it is not a draw
     x0 = get_batch(data, n, block_size, generator)
     t, w = draw_t(n, generator, device, proposal)
     xt, mask = forward_mask(x0, t, mask_id, generator)
@@ -536,14 +542,16 @@ def train_step(model, optimizer, batches, lr, objective='nelbo', autocast=contex
 if NOTEBOOK:   # demo: train the tiny model for DEMO_ITERS steps with the default recipe
     hp = argparse.Namespace(**{**DEFAULTS, **PRESETS['tiny'], 'max_iters': DEMO_ITERS})
     optimizer = make_optimizer(model, hp.lr, hp.weight_decay)
+    model.train()
     for it in range(DEMO_ITERS):
-        batch = training_batch(train_data, hp.batch_size, config.block_size, tok.mask_id, gen, False, hp.t_proposal)
+        batch = training_batch(train_data, hp.batch_size, config.block_size, tok.mask_id, gen, causal=False,
+                               proposal=hp.t_proposal)
         loss = train_step(model, optimizer, [batch], get_lr(it, hp))
         if it % 100 == 0 or it == DEMO_ITERS - 1:
             print(f'step {it} | loss {loss.item():.4f}')
     model.eval()
 
-# %% 7. Sampling ---------------------------------------------------------------------------
+# %% 7. Sampling -----------------------------------------------------------------------------------
 # The reverse process, from t = 1 (all masks) to t = 0 (text) in N steps.
 # One loop serves every use. Its input is a batch of rows in which [MASK] marks what to write:
 # everything for a sample, the tail after a prompt, the blanks of an infill. Given tokens (not
@@ -560,7 +568,8 @@ if NOTEBOOK:   # demo: train the tiny model for DEMO_ITERS steps with the defaul
 # generated token may turn back into [MASK], so an early mistake can still be undone.
 # The model is told t = the fraction of its input that is masked. Then its output depends on the
 # input alone: for a row in which a step changes nothing, the next pass would give the same
-# logits, so we reuse them (MDLM's cache, per row); with more steps than masks most are skipped.
+# logits, so we reuse them (MDLM's cache, per row; exact in eval mode, where dropout is off); with
+# more steps than masks most are skipped.
 # `calls` counts the model's work: one per row per pass (a cached row costs nothing).
 
 # Read generate as the textbook loop first (ancestral rule, one pass per step: cache=False, no
@@ -602,8 +611,9 @@ def commit_ancestral(open_, done, i, steps, remask, generator):
     sigma = min(remask, (1 - alpha_s) / alpha_t) (the "cap" schedule, 0 at the last step), a
     generated token turns back into [MASK] with probability sigma, and a mask is committed with
     probability (alpha_s - (1 - sigma) alpha_t) / (1 - alpha_t); sigma = 0 gives (t - s) / t.
-    Returns (commit, unmask) masks (B, T): `done` marks the generated tokens that may be remasked."""
-    alpha_t, alpha_s = i / steps, (i + 1) / steps
+    Returns (commit, back) masks (B, T): the masks to fill now, and the generated tokens to turn
+    back into [MASK] (`done` marks those that may be)."""
+    alpha_t, alpha_s = i / steps, (i + 1) / steps     # step i: t = 1 - i/N to s = t - 1/N, alpha = 1 - t
     sigma = min(remask, (1 - alpha_s) / alpha_t) if alpha_t > 0 else 0.0
     u = torch.rand(open_.shape, generator=generator, device=open_.device)
     commit = open_ & (u < (alpha_s - (1 - sigma) * alpha_t) / (1 - alpha_t))
@@ -634,6 +644,8 @@ def generate(model, x, steps, rule='ancestral', temperature=1.0, top_k=None, gen
     semi_ar=N: LLaDA's semi-autoregressive blocks: only the first N masks of each row may be
     committed until they are all done, then the next N (each block gets `steps` steps).
     cache=False reruns the model on every row at every step (the reference the cache must match)."""
+    if remask and rule != 'ancestral':
+        raise ValueError(f'remask is for the ancestral rule, not {rule}')
     mask_id = model.config.vocab_size - 1
     x = x.clone()
     logits, calls = None, 0
@@ -671,7 +683,7 @@ if NOTEBOOK:   # demo: two lines of text out of pure noise, with the default sam
     out, calls = generate(model, x, generator=gen, **DEFAULT_SAMPLER)
     print('\n\n'.join(tok.decode(row.tolist()) for row in out))
 
-# %% 8. Completion and infilling -------------------------------------------------------------
+# %% 8. Completion and infilling -------------------------------------------------------------------
 # Both are the same loop with some characters given. Completion: the prompt, then masks; past
 # the context, window by window. Infilling: masks where the blanks are, text on both sides, which
 # a GPT cannot use (it never sees the right side). The GPT twin's own left-to-right loop is here
@@ -681,9 +693,10 @@ def generate_text(model, prefix, length, num_samples, steps, rule, temperature=1
     """`length` new tokens after `prefix` (a list of ids), for num_samples rows at once.
     Longer than the context: block by block, each block conditioned on the text before it (a
     sliding-window cousin of LLaDA's semi-autoregressive blocks). Each window keeps as much of
-    the text so far as fits: the first window all of the prompt, later ones half a block, so
-    that each later window makes half a block of new tokens (fewer in the last). `options` go
-    to generate (top_p, choice_temperature, threshold, remask, semi_ar)."""
+    the text so far as fits: the first window all of the prompt (its last T - 1 characters if it
+    is longer), later ones half a block, so that each later window makes half a block of new
+    tokens (fewer in the last). `options` go to generate (top_p, choice_temperature, threshold,
+    remask, semi_ar). Returns (ids (B, P + length), model calls)."""
     T, mask_id = model.config.block_size, model.config.vocab_size - 1
     device = next(model.parameters()).device
     out = torch.tensor(prefix, dtype=torch.long, device=device).repeat(num_samples, 1)   # (B, P)
@@ -735,7 +748,7 @@ def infill(model, ids, num_samples, steps, rule, best_of=1, **options):
         x[:, start:start + T], n = generate(model, x[:, start:start + T], steps, rule, **options)
         calls += n
         if best_of > 1:                                              # keep each sample's likeliest fill
-            bound = window_bound(model, x[:, start:start + T], 32, options.get('generator'))
+            bound = window_bound(model, x[:, start:start + T], 32, options.get('generator'))   # section 9
             best = bound.view(num_samples, best_of).argmin(1) + best_of * torch.arange(num_samples, device=device)
             x = x[best].repeat_interleave(best_of, 0)
             calls += 32 * len(bound)
@@ -758,11 +771,11 @@ def parse_infill(text, tok):
 if NOTEBOOK:   # demo: continue a prompt; fill a blank from both sides
     out, _ = generate_text(model, tok.encode('ROMEO:\n'), 96, 1, generator=gen, **DEFAULT_SAMPLER)
     print(tok.decode(out[0].tolist()))
-    out, _ = infill(model, parse_infill('To be, or not to [__], that is the question.', tok), 2,
+    out, _ = infill(model, parse_infill('To be, or not to be, that is the [______].', tok), 2,
                     generator=gen, **DEFAULT_SAMPLER)
     print('\n'.join(tok.decode(row.tolist()) for row in out))
 
-# %% 9. Evaluation -------------------------------------------------------------------------
+# %% 9. Evaluation ---------------------------------------------------------------------------------
 # An honest likelihood bound, held out, deterministic, low variance.
 # Training's estimator (random t, Bernoulli masks) is unbiased but noisy. For evaluation, count
 # masks instead of drawing t: mask exactly k of the L positions, k spread evenly over 1..L across
@@ -781,11 +794,28 @@ def exact_k_mask(B, L, generator, device):
 
 @torch.no_grad()
 def nelbo_per_seq(model, x0, generator):
-    """Unbiased NELBO estimate per sequence (B,), in nats per character."""
+    """The exact-k estimate per sequence (B,), nats per character: unbiased for the NELBO when the
+    model ignores t, else the any-order autoregressive bound (above)."""
     mask, k = exact_k_mask(*x0.shape, generator, x0.device)
     xt = x0.masked_fill(mask, model.config.vocab_size - 1)
     logits = model(xt, k / x0.size(1))
     return masked_ce(logits, x0, mask).sum(1) / k
+
+@torch.no_grad()
+def gpt_nll_of_text(model, ids):
+    """-log p of every character of ids (B, N) under a GPT, nats, (B, N): each character predicted
+    from the start token and up to block_size - 1 characters before it (the windows of gpt_generate)."""
+    T, start = model.config.block_size, model.config.vocab_size - 1
+    B, N = ids.shape
+    first = min(N, T)                        # the first T characters: one pass, [start] + ids
+    logits = model(gpt_input(ids[:, :first], start), None)
+    nll = [F.cross_entropy(logits.transpose(1, 2), ids[:, :first], reduction='none')]
+    if N > T:                                # character j >= T: [start] + ids[j-T+1 : j], last position
+        ctx = ids[:, 1:N - 1].unfold(1, T - 1, 1).reshape(-1, T - 1)    # (B * (N - T), T - 1)
+        x = torch.cat([torch.full((len(ctx), 1), start, device=ids.device), ctx], 1)
+        last = torch.cat([model(chunk, None)[:, -1] for chunk in x.split(512)])   # (B * (N - T), V)
+        nll.append(F.cross_entropy(last, ids[:, T:].reshape(-1), reduction='none').view(B, N - T))
+    return torch.cat(nll, 1)
 
 @torch.no_grad()
 def nll_per_seq(model, x0):
@@ -813,22 +843,6 @@ def estimate_loss(model, data, n_batches, batch_size, seed=EVAL_SEED):
     return m.mean().item(), (m.std() / math.sqrt(len(m))).item() if len(m) > 1 else float('nan')
 
 @torch.no_grad()
-def gpt_nll_of_text(model, ids):
-    """-log p of every character of ids (B, N) under a GPT, nats, (B, N): each character predicted
-    from the start token and up to block_size - 1 characters before it (the windows of gpt_generate)."""
-    T, start = model.config.block_size, model.config.vocab_size - 1
-    B, N = ids.shape
-    first = min(N, T)                        # the first T characters: one pass, [start] + ids
-    logits = model(gpt_input(ids[:, :first], start), None)
-    nll = [F.cross_entropy(logits.transpose(1, 2), ids[:, :first], reduction='none')]
-    if N > T:                                # character j >= T: [start] + ids[j-T+1 : j], last position
-        ctx = ids[:, 1:N - 1].unfold(1, T - 1, 1).reshape(-1, T - 1)    # (B * (N - T), T - 1)
-        x = torch.cat([torch.full((len(ctx), 1), start, device=ids.device), ctx], 1)
-        last = torch.cat([model(chunk, None)[:, -1] for chunk in x.split(512)])   # (B * (N - T), V)
-        nll.append(F.cross_entropy(last, ids[:, T:].reshape(-1), reduction='none').view(B, N - T))
-    return torch.cat(nll, 1)
-
-@torch.no_grad()
 def window_bound(model, x0, draws, generator):
     """The NELBO bound of each row of x0 (B, L), from `draws` exact-k masks shared by all rows:
     with the same masks, rows that differ in a few characters are compared with little noise."""
@@ -838,66 +852,25 @@ def window_bound(model, x0, draws, generator):
     ce = masked_ce(model(xt, (k / L).repeat(B)), x0.repeat_interleave(R, 0), mask.repeat(B, 1))
     return (ce.sum(1) / k.repeat(B)).view(B, R).mean(1)                         # (B,)
 
-def blanked_words(text, length, n, seed=EVAL_SEED):
-    """n seeded infill questions from `text`: a lowercase word of `length` letters in a line,
-    given with the two lines before it. Returns (context, start of the word in it, word)."""
-    lines = text.split('\n')
-    word = re.compile(rf"(?<![A-Za-z'])[a-z]{{{length}}}(?![A-Za-z'])")
-    found = [(i, m.start(), m.group()) for i in range(2, len(lines)) for m in word.finditer(lines[i])]
-    picks = [found[j] for j in torch.randperm(len(found), generator=torch.Generator().manual_seed(seed))[:n]]
-    return [('\n'.join(lines[i - 2:i + 1]), len(lines[i - 2]) + len(lines[i - 1]) + 2 + pos, w)
-            for i, pos, w in picks]
-
-@torch.no_grad()
-def infill_accuracy(model, tok, train_text, val_text, lengths=(1, 3, 5), n=100, **options):
-    """Fill blanked val words (blanked_words) and count exact words and right characters, per
-    length. A diffusion model fills each with `infill` (options: the sampler's). A GPT cannot see
-    past the blank, so it gets a list instead: every word of that length in the training text,
-    each put in the blank and scored on the context window around it; it answers the likeliest."""
-    T, mask_id = model.config.block_size, model.config.vocab_size - 1
-    device = next(model.parameters()).device
-    rows = []
-    for length in lengths:
-        candidates = sorted({w for _, _, w in blanked_words(train_text, length, 10 ** 9)})
-        exact = right = 0
-        for text, start, word in blanked_words(val_text, length, n):
-            ids = tok.encode(text[:start]) + [mask_id] * length + tok.encode(text[start + length:])
-            if model.config.causal:
-                a = blank_window(start, start + length, len(ids), T)              # infill's window
-                rows_ = torch.tensor([tok.encode(text[a:start] + c + text[start + length:])[:T] for c in candidates],
-                                     device=device)
-                nll = torch.cat([nll_per_seq(model, chunk) for chunk in rows_.split(256)])
-                guess = candidates[nll.argmin().item()]
-            else:
-                out, _ = infill(model, ids, 1, **options)
-                guess = tok.decode(out[0, start:start + length].tolist())
-            exact += guess == word
-            right += sum(a == b for a, b in zip(guess, word))
-        rows.append((length, exact / n, right / (n * length), len(candidates)))
-    return rows
-
-def unigram_entropy_bits(ids):
-    """Entropy in bits of the character frequencies of one text: about 4.4 for a line of
-    Shakespeare, 0 for one character repeated. A sampler that repeats itself scores low here."""
-    p = torch.bincount(ids).float()
-    p = p[p > 0] / len(ids)
-    return -(p * p.log2()).sum().item()
-
 @torch.no_grad()
 def ce_per_noise_level(model, data, ts, n_batches, batch_size, seed=EVAL_SEED):
-    """Masked CE (nats per masked char) at fixed t: how hard each noise level is."""
+    """Masked CE (nats per masked char) at fixed t: how hard each noise level is. Every t scores
+    the same windows (a generator of their own, as in estimate_loss)."""
+    was_training = model.training
     model.eval()
-    g = torch.Generator(device=data.device).manual_seed(seed)
+    g = torch.Generator(device=data.device).manual_seed(seed + 1)
     rows = []
     for t in ts:
+        windows = torch.Generator(device=data.device).manual_seed(seed)
         total, count = 0.0, 0
         for _ in range(n_batches):
-            x0 = get_batch(data, batch_size, model.config.block_size, g)
+            x0 = get_batch(data, batch_size, model.config.block_size, windows)
             tt = torch.full((batch_size,), t, device=data.device)
             xt, mask = forward_mask(x0, tt, model.config.vocab_size - 1, g)
             total += masked_ce(model(xt, tt), x0, mask).sum().item()
             count += mask.sum().item()
         rows.append(total / max(count, 1))
+    model.train(was_training)
     return rows
 
 if NOTEBOOK:   # demo: the trained model's bound on held-out text (the GPT twin's table is in the README)
@@ -912,7 +885,8 @@ if NOTEBOOK:   # demo: the trained model's bound on held-out text (the GPT twin'
 # into it.
 # ================================================================================================
 
-# %% Harness: device and precision ----------------------------------------------------------------
+# %% Harness: device and precision -----------------------------------------------------------------
+
 def pick_device(requested=None):
     if requested:
         try:
@@ -954,7 +928,7 @@ def fast_path(device, dtype, dropout=0.0):
     return autocast, not (kind == 'cpu' and dropout == 0)
 
 
-# %% Harness: checkpoints, resume, DDP -----------------------------------------------------------
+# %% Harness: checkpoints, resume, DDP -------------------------------------------------------------
 # Checkpoints hold tensors and plain values only (torch.load(weights_only=True) reads them) and
 # are written atomically; --resume continues a run bit for bit; torchrun runs one process per GPU.
 def save_checkpoint(path, ckpt):
@@ -1116,7 +1090,7 @@ def compiled_or_eager(model, batch_size, config, device, autocast, log):
         return model
 
 
-# %% Harness: the training run -------------------------------------------------------------------
+# %% Harness: the training run ---------------------------------------------------------------------
 # train_step in a loop, with everything a long run needs around it: seeding, the fast path,
 # compile, DDP, periodic evals logged to <out-dir>/log.csv, atomic checkpoints, Ctrl-C that
 # saves, and --resume.
@@ -1252,7 +1226,56 @@ def train(args):
             dist.destroy_process_group()
 
 
-# %% Harness: generation, evaluation and scoring from the command line ---------------------------
+# %% Harness: generation, evaluation and scoring from the command line -----------------------------
+
+# The infill metric of --eval --infill-eval, and the unigram entropy that --judge and --frontier
+# print beside the judge's bits/char.
+
+def blanked_words(text, length, n, seed=EVAL_SEED):
+    """n seeded infill questions from `text`: a lowercase word of `length` letters in a line,
+    given with the two lines before it. Returns (context, start of the word in it, word)."""
+    lines = text.split('\n')
+    word = re.compile(rf"(?<![A-Za-z'])[a-z]{{{length}}}(?![A-Za-z'])")
+    found = [(i, m.start(), m.group()) for i in range(2, len(lines)) for m in word.finditer(lines[i])]
+    picks = [found[j] for j in torch.randperm(len(found), generator=torch.Generator().manual_seed(seed))[:n]]
+    return [('\n'.join(lines[i - 2:i + 1]), len(lines[i - 2]) + len(lines[i - 1]) + 2 + pos, w)
+            for i, pos, w in picks]
+
+@torch.no_grad()
+def infill_accuracy(model, tok, train_text, val_text, lengths=(1, 3, 5), n=100, **options):
+    """Fill blanked val words (blanked_words) and count exact words and right characters, per
+    length. A diffusion model fills each with `infill` (options: the sampler's). A GPT cannot see
+    past the blank, so it gets a list instead: every word of that length in the training text,
+    each put in the blank and scored on the context window around it; it answers the likeliest."""
+    T, mask_id = model.config.block_size, model.config.vocab_size - 1
+    device = next(model.parameters()).device
+    rows = []
+    for length in lengths:
+        candidates = sorted({w for _, _, w in blanked_words(train_text, length, 10 ** 9)})
+        exact = right = 0
+        for text, start, word in blanked_words(val_text, length, n):
+            ids = tok.encode(text[:start]) + [mask_id] * length + tok.encode(text[start + length:])
+            if model.config.causal:
+                win = blank_window(start, start + length, len(ids), T)            # infill's window
+                lines = torch.tensor([tok.encode(text[win:start] + c + text[start + length:])[:T] for c in candidates],
+                                     device=device)
+                nll = torch.cat([nll_per_seq(model, chunk) for chunk in lines.split(256)])
+                guess = candidates[nll.argmin().item()]
+            else:
+                out, _ = infill(model, ids, 1, **options)
+                guess = tok.decode(out[0, start:start + length].tolist())
+            exact += guess == word
+            right += sum(a == b for a, b in zip(guess, word))
+        rows.append((length, exact / n, right / (n * length), len(candidates)))
+    return rows
+
+def unigram_entropy_bits(ids):
+    """Entropy in bits of the character frequencies of one text: about 4.4 for a line of
+    Shakespeare, 0 for one character repeated. A sampler that repeats itself scores low here."""
+    p = torch.bincount(ids).float()
+    p = p[p > 0] / len(ids)
+    return -(p * p.log2()).sum().item()
+
 def load_for_inference(args):
     device = pick_device(args.device)
     ckpt = load_checkpoint(os.path.join(args.out_dir, 'ckpt.pt'))
@@ -1295,7 +1318,7 @@ def run_generation(args):
     opts = sampler_options(args, g, show_frames(tok, frames) if args.show else None)
     if args.infill is not None:
         ids = parse_infill(args.infill, tok)
-        out, _ = infill(model, ids, args.num_samples, best_of=args.best_of or SAMPLER_DEFAULTS['best_of'], **opts)
+        out, _ = infill(model, ids, args.num_samples, best_of=args.best_of or SAMPLER_FALLBACKS['best_of'], **opts)
     else:
         prompt = args.complete if args.complete is not None else ''
         if args.complete is not None and not prompt:
@@ -1324,12 +1347,12 @@ def sampler_options(args, generator, on_step=None):
     if not {'rule', 'steps', 'semi_ar'} & args.explicit:
         plan = DEFAULT_SAMPLER                  # nothing chosen: the frontier's pick (README)
     else:                                       # anything chosen: plain blocks, 64 steps, unless said
-        plan = dict(rule=args.rule or DEFAULT_SAMPLER['rule'], steps=args.steps or SAMPLER_DEFAULTS['steps'],
+        plan = dict(rule=args.rule or DEFAULT_SAMPLER['rule'], steps=args.steps or SAMPLER_FALLBACKS['steps'],
                     semi_ar=args.semi_ar)
     for name, its_rule in SAMPLER_FLAGS.items():
         if name in args.explicit and plan['rule'] != its_rule:
             raise CliError(f'{flag(name)} is for --rule {its_rule}, not {plan["rule"]}')
-    chosen = {k: SAMPLER_DEFAULTS[k] if getattr(args, k) is None else getattr(args, k)
+    chosen = {k: SAMPLER_FALLBACKS[k] if getattr(args, k) is None else getattr(args, k)
               for k in ('temperature', 'top_p', 'choice_temperature', 'threshold', 'remask')}
     return dict(plan, **chosen, top_k=args.top_k, generator=generator, on_step=on_step)
 
@@ -1437,7 +1460,7 @@ def run_eval(args):
     if args.infill_eval:
         split = int(0.9 * len(text))
         opts = {} if model.config.causal else dict(
-            sampler_options(args, torch.Generator(device=device).manual_seed(args.seed)), best_of=args.best_of or SAMPLER_DEFAULTS['best_of'])
+            sampler_options(args, torch.Generator(device=device).manual_seed(args.seed)), best_of=args.best_of or SAMPLER_FALLBACKS['best_of'])
         how = ('ranks every training word of the length (the GPT cannot see past the blank)' if model.config.causal
                else f'fills with --infill\'s sampler: {opts["rule"]}, {opts["steps"]} steps, semi-ar '
                     f'{opts["semi_ar"]}, best of {opts["best_of"]}')
@@ -1485,7 +1508,8 @@ def run_score(args):
     return 0
 
 
-# %% Harness: plot and bench ---------------------------------------------------------------------
+# %% Harness: plot and bench -----------------------------------------------------------------------
+
 def pyplot():
     """matplotlib's pyplot, drawing into files (no display needed); None where it is not installed."""
     try:
@@ -1622,7 +1646,7 @@ def run_bench(args):
     model.eval()
     gpt.eval()
     model.set_fused_attention(True)
-    L, S = args.length or T, args.steps or SAMPLER_DEFAULTS['steps']
+    L, S = args.length or T, args.steps or SAMPLER_FALLBACKS['steps']
     samplers = {rule: (lambda rule=rule: generate_text(model, [], L, args.num_samples, S, rule, generator=g))
                 for rule in RULES}
     samplers['gpt'] = lambda: gpt_generate(gpt, [], L, args.num_samples, generator=g)
@@ -1638,7 +1662,8 @@ def run_bench(args):
     return 0
 
 
-# %% Harness: the command line -------------------------------------------------------------------
+# %% Harness: the command line ---------------------------------------------------------------------
+
 def int_in(lo, hi=None):
     """An argparse type: an integer in [lo, hi] (no upper end when hi is None)."""
     def parse(s):
