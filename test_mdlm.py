@@ -1482,3 +1482,10 @@ def test_png_where_there_is_nothing_to_draw_is_refused(trained, trained_gpt, tmp
         assert mdlm.main([*argv, '--png', str(tmp_path / 'x.png'), '--device', 'cpu']) == 1, argv
         assert needle in capsys.readouterr().err
     assert not os.path.exists(tmp_path / 'x.png') and not os.path.exists(tmp_path / 'ckpt.pt')
+
+def test_every_noise_level_scores_the_same_windows(text, tok):
+    data = torch.tensor(tok.encode(text[:20000]))
+    model = tiny_model().train()
+    a, b = mdlm.ce_per_noise_level(model, data, [1.0, 1.0], 2, 4)   # t = 1 masks all: only windows differ
+    assert a == b, 'the same windows at every t'
+    assert model.training, 'the mode it came in'
