@@ -1401,8 +1401,12 @@ FRONTIER = [
     ('confidence, semi-ar 8', dict(rule='confidence', semi_ar=8, steps=8)),
     ('confidence, semi-ar 8, 4 steps', dict(rule='confidence', semi_ar=8, steps=4)),
     ('confidence, semi-ar 16, 8 steps', dict(rule='confidence', semi_ar=16, steps=8)),
+    ('confidence, semi-ar 12, 8 steps', dict(rule='confidence', semi_ar=12, steps=8)),
+    ('confidence, semi-ar 16, 16 steps', dict(rule='confidence', semi_ar=16, steps=16)),
+    ('confidence, semi-ar 8, temperature 1.1', dict(rule='confidence', semi_ar=8, steps=8, temperature=1.1)),
     ('confidence, semi-ar 8, choice temperature 1', dict(rule='confidence', semi_ar=8, steps=8, choice_temperature=1.0)),
     ('threshold 0.5, semi-ar 8', dict(rule='threshold', threshold=0.5, semi_ar=8, steps=8)),
+    ('threshold 0.3, semi-ar 16', dict(rule='threshold', threshold=0.3, semi_ar=16, steps=16)),
     ('threshold 0.9', dict(rule='threshold', threshold=0.9)), ('threshold 0.5', dict(rule='threshold', threshold=0.5)),
 ]
 
@@ -1421,6 +1425,7 @@ def run_frontier(args):
     for name, opts in FRONTIER:
         g = torch.Generator(device=device).manual_seed(args.seed)
         out, calls = generate_text(model, [], L, B, **{'steps': 64, 'rule': 'ancestral', **opts}, generator=g)
+        name += ' (default)' if opts == DEFAULT_SAMPLER else ''
         rows.append((name, *judge_figures(judge, out), calls / (B * L)))
     out, calls = gpt_generate(judge, [], L, B, generator=torch.Generator(device=device).manual_seed(args.seed))
     rows.append(('the GPT twin (judge) itself', *judge_figures(judge, out), calls / (B * L)))
@@ -1433,10 +1438,17 @@ def run_frontier(args):
     if plt is None:
         print('no picture: matplotlib is not installed (pip install -r requirements.txt)')
         return 0
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(9, 6))
     for name, bits, entropy, _ in rows:
-        ax.scatter(entropy, bits, color='C1' if 'GPT' in name else 'C2' if 'real' in name else 'C0')
+        ax.scatter(entropy, bits, marker='*' if 'default' in name else 'o', s=120 if 'default' in name else 30,
+                   color='C1' if 'GPT' in name else 'C2' if 'real' in name else 'C3' if 'default' in name else 'C0')
         ax.annotate(name, (entropy, bits), fontsize=7, xytext=(3, 3), textcoords='offset points')
+    gpt_bits, real_entropy = rows[-2][1], rows[-1][2]      # where text reads like the GPT's and like real text
+    ax.axhline(1.5 * gpt_bits, color='grey', linestyle='--', linewidth=0.8)
+    ax.axvline(real_entropy - 0.25, color='grey', linestyle='--', linewidth=0.8)
+    ax.annotate('right of and below the dashed lines:\nentropy within 0.25 bits of real text\'s,\n'
+                'bits/char within 1.5x of the GPT\'s own samples\'', (real_entropy - 0.25, 1.5 * gpt_bits),
+                fontsize=8, color='grey', xytext=(6, -8), textcoords='offset points', va='top')
     ax.set(xlabel='unigram entropy of a sample (bits): low = repetitive', ylabel='bits/char under the GPT judge: low = plausible',
            title=f'samplers of {args.out_dir}/ckpt.pt, {B} x {L} chars')
     ax.grid(alpha=0.3)
