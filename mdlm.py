@@ -96,6 +96,9 @@ MASK_GLYPH = '■'    # how a [MASK] is drawn on screen
 # with 8 steps each (one character a step). It read best on the README's frontier, at the GPT's
 # cost of one model call per character.
 DEFAULT_SAMPLER = dict(rule='confidence', steps=8, semi_ar=8)
+# --infill asked for one fill gives the model's best guess: the same sampler at temperature 0 (it
+# fills more blanked words exactly than temperature 1: README). Several fills are drawn at 1.
+INFILL_TEMPERATURE = 0.0
 # ... and each sampler setting when a flag leaves it out: the keyword defaults of generate and
 # infill (generate has no default for steps). The rules are explained in section 7.
 SAMPLER_FALLBACKS = dict(steps=64, temperature=1.0, top_p=1.0, choice_temperature=0.0, threshold=0.9,
@@ -1315,7 +1318,7 @@ def run_generation(args):
     judge = load_judge(args.judge, tok, device) if args.judge is not None else None
     g = torch.Generator(device=device).manual_seed(args.seed)
     frames = []
-    opts = sampler_options(args, g, show_frames(tok, frames) if args.show else None)
+    opts = sampler_options(args, g, show_frames(tok, frames) if args.show else None, infill=args.infill is not None)
     if args.infill is not None:
         ids = parse_infill(args.infill, tok)
         out, _ = infill(model, ids, args.num_samples, best_of=args.best_of or SAMPLER_FALLBACKS['best_of'], **opts)
@@ -1342,8 +1345,9 @@ def run_generation(args):
         print(judge_report(judge, tok, out, len(ids), args), file=sys.stderr)
     return 0
 
-def sampler_options(args, generator, on_step=None):
-    """The diffusion sampler's flags as generate's keyword arguments; a flag for another rule is refused."""
+def sampler_options(args, generator, on_step=None, infill=False):
+    """The diffusion sampler's flags as generate's keyword arguments; a flag for another rule is refused.
+    infill: a single fill (one sample, no --best-of) without --temperature takes INFILL_TEMPERATURE."""
     if not {'rule', 'steps', 'semi_ar'} & args.explicit:
         plan = DEFAULT_SAMPLER                  # nothing chosen: the frontier's pick (README)
     else:                                       # anything chosen: plain blocks, 64 steps, unless said
@@ -1354,6 +1358,8 @@ def sampler_options(args, generator, on_step=None):
             raise CliError(f'{flag(name)} is for --rule {its_rule}, not {plan["rule"]}')
     chosen = {k: SAMPLER_FALLBACKS[k] if getattr(args, k) is None else getattr(args, k)
               for k in ('temperature', 'top_p', 'choice_temperature', 'threshold', 'remask')}
+    if infill and args.temperature is None and args.num_samples == 1 and (args.best_of or 1) == 1:
+        chosen['temperature'] = INFILL_TEMPERATURE
     return dict(plan, **chosen, top_k=args.top_k, generator=generator, on_step=on_step)
 
 def load_judge(out_dir, tok, device):
@@ -1471,11 +1477,12 @@ def run_eval(args):
               f'+- {se:.4f} (standard error, {n} batches of {B} windows of {model.config.block_size}); {what[1]}')
     if args.infill_eval:
         split = int(0.9 * len(text))
-        opts = {} if model.config.causal else dict(
-            sampler_options(args, torch.Generator(device=device).manual_seed(args.seed)), best_of=args.best_of or SAMPLER_FALLBACKS['best_of'])
+        g = torch.Generator(device=device).manual_seed(args.seed)
+        opts = {} if model.config.causal else dict(sampler_options(args, g, infill=True),
+                                                   best_of=args.best_of or SAMPLER_FALLBACKS['best_of'])
         how = ('ranks every training word of the length (the GPT cannot see past the blank)' if model.config.causal
                else f'fills with --infill\'s sampler: {opts["rule"]}, {opts["steps"]} steps, semi-ar '
-                    f'{opts["semi_ar"]}, best of {opts["best_of"]}')
+                    f'{opts["semi_ar"]}, temperature {opts["temperature"]:g}, best of {opts["best_of"]}')
         print(f'infill: 100 blanked val words per length, each given with its line and the two before; {how}')
         for length, exact, chars, n_cand in infill_accuracy(model, tok, text[:split], text[split:], **opts):
             print(f'  {length}-letter words: {exact:.0%} exact, {chars:.0%} of letters right')
@@ -1788,7 +1795,8 @@ def build_parser():
                    'sampler, 64 once --rule or --semi-ar is given)')
     sampler.add_argument('--rule', choices=RULES, help='which proposals to commit (default: confidence in --semi-ar 8 '
                    'blocks, 8 steps each; see README)')
-    sampler.add_argument('--temperature', type=nonneg_float, help='0: argmax (default 1)')
+    sampler.add_argument('--temperature', type=nonneg_float, help='0: argmax (default 1; 0 for --infill when it '
+                         'is asked for one fill)')
     sampler.add_argument('--top-k', type=positive_int)
     sampler.add_argument('--top-p', type=unit_float, help='nucleus: sample from the fewest tokens whose '
                    'probabilities sum to P (default 1: all)')

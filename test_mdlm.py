@@ -1489,3 +1489,18 @@ def test_every_noise_level_scores_the_same_windows(text, tok):
     a, b = mdlm.ce_per_noise_level(model, data, [1.0, 1.0], 2, 4)   # t = 1 masks all: only windows differ
     assert a == b, 'the same windows at every t'
     assert model.training, 'the mode it came in'
+
+def test_one_infill_is_the_best_guess_several_are_draws(trained, capsys):
+    def opts(*argv):
+        args = mdlm.build_parser().parse_args(['--infill', 'a [_] b', *argv])
+        args.explicit = {k for k, v in vars(args).items() if v is not None}
+        return mdlm.sampler_options(args, None, infill=True)
+    assert opts()['temperature'] == mdlm.INFILL_TEMPERATURE == 0.0
+    assert opts('--num-samples', '2')['temperature'] == opts('--best-of', '2')['temperature'] == 1.0
+    assert opts('--temperature', '0.5')['temperature'] == 0.5
+    fills = []
+    for seed in ('1', '2'):
+        assert mdlm.main(['--infill', 'To be, or not to be, that is the [______].', '--out-dir', trained,
+                          '--seed', seed, '--device', 'cpu']) == 0
+        fills.append(capsys.readouterr().out)
+    assert fills[0] == fills[1] and mdlm.MASK_GLYPH not in fills[0], 'the best guess does not depend on the seed'
