@@ -1440,7 +1440,7 @@ def run_frontier(args):
     print(f'{"setting":46} {"bits/char":>9} {"entropy":>8} {"calls/char":>10}')
     for name, bits, entropy, per_char in rows:
         print(f'{name:46} {bits:9.3f} {entropy:8.2f} {per_char:10.2f}')
-    plt = pyplot()
+    plt = pyplot(required=bool(args.png))
     if plt is None:
         print('no picture: matplotlib is not installed (pip install -r requirements.txt)')
         return 0
@@ -1465,6 +1465,7 @@ def run_eval(args):
     model, tok, ckpt = load_for_inference(args)
     if model.config.causal and args.png:
         raise CliError('--png with --eval draws the loss per noise level, and a GPT has no noise level')
+    plt = pyplot(required=True) if args.png else None     # before the work, not after it
     device = next(model.parameters()).device
     text = load_text(args.data, allow_download=args.data == DEFAULT_DATA)
     train_data, val_data = (d.to(device) for d in split_data(text, tok, model.config.block_size))
@@ -1496,7 +1497,6 @@ def run_eval(args):
     naive = ces[0:9:2]                                   # t = 0.1, 0.3, 0.5, 0.7, 0.9 from the table above
     print(f'naive average of the masked cross-entropy at t = 0.1, 0.3, ..., 0.9: {sum(naive) / 5:.4f} nats '
           f'(neither a bound nor a perplexity: not comparable with a GPT\'s loss)')
-    plt = pyplot() if args.png else None
     if plt is not None:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot(ts, ces, marker='o')
@@ -1529,13 +1529,16 @@ def run_score(args):
 
 # %% Harness: plot and bench -----------------------------------------------------------------------
 
-def pyplot():
-    """matplotlib's pyplot, drawing into files (no display needed); None where it is not installed."""
+def pyplot(required=False):
+    """matplotlib's pyplot, drawing into files (no display needed); None where it is not installed,
+    or one line of error when a picture was asked for (--png)."""
     try:
         import matplotlib
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
     except ImportError:
+        if required:
+            raise CliError('--png needs matplotlib: pip install -r requirements.txt')
         return None
     return plt
 
@@ -1547,9 +1550,7 @@ def save_picture(fig, path):
 
 def text_picture(lines, path, title):
     """--png for text: the lines in a monospace font, one under the other ([MASK] drawn as MASK_GLYPH)."""
-    plt = pyplot()
-    if plt is None:
-        raise CliError('--png needs matplotlib: pip install -r requirements.txt')
+    plt = pyplot(required=True)
     fig = plt.figure(figsize=(0.085 * max(map(len, lines)) + 0.4, 0.25 * len(lines) + 0.5))
     for i, line in enumerate(lines):
         fig.text(0.02, 1 - (i + 0.8) / (len(lines) + 0.8), line, family='DejaVu Sans Mono', fontsize=10, va='top')
@@ -1577,7 +1578,7 @@ def run_plot(args):
     <out-dir>/loss.png or --png FILE; a terminal chart per run without matplotlib."""
     dirs = args.plot or [args.out_dir or 'out']
     logs = {d: read_log(d) for d in dirs}
-    plt = pyplot()
+    plt = pyplot(required=bool(args.png))
     if plt is None:
         for d, (steps, curves) in logs.items():
             print(f'{d}:\n{ascii_chart(steps, curves)}')

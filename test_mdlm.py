@@ -1504,3 +1504,9 @@ def test_one_infill_is_the_best_guess_several_are_draws(trained, capsys):
                           '--seed', seed, '--device', 'cpu']) == 0
         fills.append(capsys.readouterr().out)
     assert fills[0] == fills[1] and mdlm.MASK_GLYPH not in fills[0], 'the best guess does not depend on the seed'
+
+def test_png_without_matplotlib_is_one_line(trained, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)      # import matplotlib -> ImportError
+    for argv in (['--plot', trained], ['--show-noise', 'To be'], ['--eval', '--out-dir', trained, '--eval-iters', '1']):
+        assert mdlm.main([*argv, '--png', str(tmp_path / 'x.png'), '--device', 'cpu']) == 1, argv
+        assert '--png needs matplotlib' in capsys.readouterr().err
