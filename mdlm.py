@@ -532,8 +532,8 @@ def train_step(model, optimizer, batches, lr, objective='nelbo', autocast=contex
     total = 0.0
     for i, batch in enumerate(batches):
         # a DDP-wrapped model averages gradients across processes: on the last micro-batch only
-        last = i == len(batches) - 1 or not hasattr(model, 'no_sync')
-        with contextlib.nullcontext() if last else model.no_sync(), autocast():
+        sync = i == len(batches) - 1 or not hasattr(model, 'no_sync')
+        with contextlib.nullcontext() if sync else model.no_sync(), autocast():
             part = batch_loss(model, *batch, objective) / len(batches)   # 2) forward and loss
         part.backward()                                            # 3) backward: gradients add up
         total = total + part.detach()
@@ -1339,7 +1339,8 @@ def run_generation(args):
     sys.stdout.write(('\n' + '=' * 40 + '\n').join(texts) + '\n')
     if args.png:                                   # nine frames, evenly spaced, the first and last among them
         picks = sorted({round(i * (len(frames) - 1) / 8) for i in range(9)})
-        how = f'rule {opts["rule"]}, {opts["steps"]} steps' + (f' per block of {opts["semi_ar"]}' if opts['semi_ar'] else '')
+        how = f'rule {opts["rule"]}, {opts["steps"]} steps'
+        how += f' per block of {opts["semi_ar"]}' if opts['semi_ar'] else ''
         text_picture([frames[i] for i in picks], args.png, f'text out of noise: {how} ({len(frames)} frames)')
     if judge is not None:
         print(judge_report(judge, tok, out, len(ids), args), file=sys.stderr)
@@ -1856,10 +1857,10 @@ def main(argv=None):
             if not args.show_noise:
                 raise CliError('give some text to show the forward process on')
             tok = Tokenizer.from_text(load_text(args.data, allow_download=args.data == DEFAULT_DATA))
-            print(show_noise(args.show_noise, tok, args.seed))
+            picture = show_noise(args.show_noise, tok, args.seed)
+            print(picture)
             if args.png:
-                text_picture(show_noise(args.show_noise, tok, args.seed).split('\n'), args.png,
-                             'the forward process: each character masked with probability t')
+                text_picture(picture.split('\n'), args.png, 'the forward process: each character masked with probability t')
             return 0
         if args.plot is not None:
             return run_plot(args)
