@@ -29,7 +29,7 @@ run as a script, those lines do nothing.
     python mdlm.py --infill "To [___] or not to [___]"
     python mdlm.py --eval                     # the likelihood bound, in bits per character
     python mdlm.py --eval --out-dir out-gpt   # the GPT's exact likelihood on the same windows
-    python mdlm.py --train --preset base      # the lesson's full model (a GPU: 11.9M params)
+    python mdlm.py --train --preset base      # the full-size model (a GPU: 11.9M params)
     torchrun --standalone --nproc_per_node=8 mdlm.py --train    # several GPUs (batch is per GPU)
 """
 
@@ -71,9 +71,9 @@ class ModelConfig:
     causal: bool = False     # True: the GPT twin (attends only to the left; see "the GPT twin" below)
 
 TINY_BF16_ITERS, TINY_FP32_ITERS = 5400, 2700   # steps that fit 450 s on a 2-core CPU with / without native bf16
-# 'base' is the lesson's model, shaped like nanoGPT's char-level Shakespeare GPT (6 x 384, context
+# 'base' is the full-size model, shaped like nanoGPT's char-level Shakespeare GPT (6 x 384, context
 # 256, dropout 0.2): 11.87M parameters with time conditioning, 10.65M without, both in the
-# lesson's 10-20M range. 'tiny' (0.80M, no time conditioning) is sized so that `python mdlm.py
+# 10-20M range of a small char-level GPT. 'tiny' (0.80M, no time conditioning) is sized so that `python mdlm.py
 # --train` finishes in under 450 s on a 2-core laptop CPU (352 s measured with native bf16, see README).
 PRESETS = {
     'base': dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, use_time=True,
@@ -1475,8 +1475,9 @@ def run_eval(args):
         mean, se = estimate_loss(model, data, n, B)    # the training log's windows, and more
         what = ('nll', f'perplexity {math.exp(mean):.3f} (exact: a GPT\'s likelihood)') if model.config.causal \
             else ('nelbo', f'perplexity <= {math.exp(mean):.3f} (an upper bound: the NELBO bounds -log p)')
+        spread = f'+- {se:.4f} (standard error, {n} batches' if n > 1 else '(no standard error from 1 batch'
         print(f'{name} {what[0]}: {mean:.4f} nats/char ({mean / math.log(2):.4f} bits/char) '
-              f'+- {se:.4f} (standard error, {n} batches of {B} windows of {model.config.block_size}); {what[1]}')
+              f'{spread} of {B} windows of {model.config.block_size}); {what[1]}')
     if args.infill_eval:
         split = int(0.9 * len(text))
         g = torch.Generator(device=device).manual_seed(args.seed)
@@ -1484,7 +1485,7 @@ def run_eval(args):
                                                    best_of=args.best_of or SAMPLER_FALLBACKS['best_of'])
         how = ('ranks every training word of the length (the GPT cannot see past the blank)' if model.config.causal
                else f'fills with --infill\'s sampler: {opts["rule"]}, {opts["steps"]} steps, semi-ar '
-                    f'{opts["semi_ar"]}, temperature {opts["temperature"]:g}, best of {opts["best_of"]}')
+                    f'{opts["semi_ar"] or "off"}, temperature {opts["temperature"]:g}, best of {opts["best_of"]}')
         print(f'infill: 100 blanked val words per length, each given with its line and the two before; {how}')
         for length, exact, chars, n_cand in infill_accuracy(model, tok, text[:split], text[split:], **opts):
             print(f'  {length}-letter words: {exact:.0%} exact, {chars:.0%} of letters right')
@@ -1869,6 +1870,8 @@ def main(argv=None):
             args.out_dir = 'out-gpt' if args.train and args.causal else 'out'
         if args.causal and not args.train:
             raise CliError('--gpt is for --train; every other mode reads the kind from the checkpoint')
+        if args.infill_eval and not args.eval:
+            raise CliError('--infill-eval is for --eval')
         if args.png and (args.train or args.bench or args.score is not None or not (args.eval or args.frontier or args.show)):
             raise CliError('--png draws for --show-noise, --plot, --eval, --frontier, or a generation with --show')
         if args.train:

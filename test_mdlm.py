@@ -1510,3 +1510,7 @@ def test_png_without_matplotlib_is_one_line(trained, tmp_path, monkeypatch, caps
     for argv in (['--plot', trained], ['--show-noise', 'To be'], ['--eval', '--out-dir', trained, '--eval-iters', '1']):
         assert mdlm.main([*argv, '--png', str(tmp_path / 'x.png'), '--device', 'cpu']) == 1, argv
         assert '--png needs matplotlib' in capsys.readouterr().err
+
+def test_infill_eval_outside_eval_is_refused(trained, capsys):
+    assert mdlm.main(['--sample', '--infill-eval', '--out-dir', trained, '--device', 'cpu']) == 1
+    assert '--infill-eval is for --eval' in capsys.readouterr().err
