@@ -117,6 +117,7 @@ DEMO_ITERS = 1000
 # Tiny Shakespeare, a character tokenizer, and one extra token, [MASK].
 # A GPT's target is its input shifted by one. Here the target is the clean text itself: the
 # input is the same text with some characters hidden, and the model must say what was there.
+
 class Tokenizer:
     """Characters <-> ids. The vocabulary is the sorted set of the training text's characters,
     and [MASK] gets the last id, V - 1. It is stored in every checkpoint, so a trained model
@@ -206,6 +207,7 @@ if NOTEBOOK:   # demo: the text, its vocabulary, the two splits
 # (the linear schedule: alpha_t = 1 - t is the chance a character is still clean). t = 0 is the
 # text, t = 1 is pure noise: a row of masks. [MASK] absorbs: a masked character stays masked as
 # t grows. That is the whole corruption process, and why the reverse process can be so simple.
+
 def forward_mask(x0, t, mask_id, generator=None):
     """x0: (B, T) clean ids; t: (B,) mask probabilities. Returns xt (B, T) and the mask (B, T)."""
     u = torch.rand(x0.shape, generator=generator, device=x0.device)
@@ -240,6 +242,7 @@ if NOTEBOOK:   # demo: one line of the play, destroyed a little more at each t
 # The GPT twin, the yardstick, is this same network with change 1 undone (ModelConfig.causal:
 # each position sees itself and what is left of it) and no time input: it predicts the next
 # character. Everything else, shape and training budget included, is shared.
+
 def rope_tables(block_size, head_dim, base=10000.0):
     """cos and sin of position * frequency, (T, head_dim / 2): one rotation angle per pair."""
     freqs = base ** (-torch.arange(0, head_dim, 2).float() / head_dim)
@@ -396,6 +399,7 @@ if NOTEBOOK:   # demo: the tiny preset's model, untrained
 # characters are masked but each one is worth more; dividing by L (the sequence length), not by
 # the number of masks, is what turns the sum into nats per character, a bound on -log p(x0) / L.
 # So: MDLM is BERT with a random mask rate and a 1/t weight. That is the whole trick.
+
 def masked_ce(logits, x0, mask):
     """Cross-entropy at the masked positions only: (B, T) with zeros elsewhere."""
     ce = F.cross_entropy(logits.transpose(1, 2), x0, reduction='none')   # (B, T)
@@ -479,7 +483,9 @@ if NOTEBOOK:   # demo: untrained, the model guesses uniformly among 65 character
 # AdamW, warmup then a stable learning rate and a decay (or cosine), gradient clipping. A step:
 # draw the batch and its noise (training_batch), forward, loss, backward, clip, update
 # (train_step). The logged, checkpointed run around it is the harness's train().
+
 def get_lr(it, args):
+    """The learning rate at step `it` (args: lr, min_lr, warmup_iters, max_iters, schedule)."""
     if it < args.warmup_iters:                                   # 1) linear warmup
         return args.lr * (it + 1) / args.warmup_iters
     if it >= args.max_iters:
@@ -578,6 +584,7 @@ if NOTEBOOK:   # demo: train the tiny model for DEMO_ITERS steps with the defaul
 # Read generate as the textbook loop first (ancestral rule, one pass per step: cache=False, no
 # semi_ar); the cache, the blocks and the other rules are additions to it, and a test checks that
 # the loop with them switched off is the textbook loop, token for token.
+
 RULES = ('ancestral', 'confidence', 'threshold', 'random')
 
 def propose(logits, temperature, top_k, generator, top_p=1.0):
@@ -691,6 +698,7 @@ if NOTEBOOK:   # demo: two lines of text out of pure noise, with the default sam
 # the context, window by window. Infilling: masks where the blanks are, text on both sides, which
 # a GPT cannot use (it never sees the right side). The GPT twin's own left-to-right loop is here
 # too: one pass per character, the cost a diffusion sampler is compared with.
+
 def generate_text(model, prefix, length, num_samples, steps, rule, temperature=1.0, top_k=None,
                   generator=None, on_step=None, **options):
     """`length` new tokens after `prefix` (a list of ids), for num_samples rows at once.
@@ -787,6 +795,7 @@ if NOTEBOOK:   # demo: continue a prompt; fill a blank from both sides
 # time-conditioned model the estimate is then the any-order autoregressive bound of the model's
 # own conditionals: the generator that unmasks one character at a time in a random order, each
 # drawn from the model (an "any-order autoregressive" model), has -log p(x0) below this estimate.
+
 def exact_k_mask(B, L, generator, device):
     """(B, L) masks with exactly k_b positions set, k_b stratified over 1..L. Returns mask, k."""
     k = 1 + (stratified(B, generator, device) * L).long().clamp(max=L - 1)   # (B,) in 1..L
@@ -934,6 +943,7 @@ def fast_path(device, dtype, dropout=0.0):
 # %% Harness: checkpoints, resume, DDP -------------------------------------------------------------
 # Checkpoints hold tensors and plain values only (torch.load(weights_only=True) reads them) and
 # are written atomically; --resume continues a run bit for bit; torchrun runs one process per GPU.
+
 def save_checkpoint(path, ckpt):
     """Write to a temporary file beside `path`, fsync, then rename over it: a crash at any moment
     leaves either the old checkpoint or the new one, never half of one."""
@@ -1097,6 +1107,7 @@ def compiled_or_eager(model, batch_size, config, device, autocast, log):
 # train_step in a loop, with everything a long run needs around it: seeding, the fast path,
 # compile, DDP, periodic evals logged to <out-dir>/log.csv, atomic checkpoints, Ctrl-C that
 # saves, and --resume.
+
 def train(args):
     started = time.time()            # the run's wall clock: start-up, compile and evals included
     rank, world, device = ddp_setup(args.device)
