@@ -726,6 +726,8 @@ def test_importing_runs_nothing():
     r = subprocess.run([sys.executable, '-B', '-c', 'import mdlm'], capture_output=True, text=True, cwd=HERE)
     assert r.returncode == 0 and r.stdout == '' and r.stderr == '', r
     assert sorted(os.listdir(HERE)) == before, 'importing created files'
+    r = run_cli('--help')
+    assert r.returncode == 0 and r.stderr == '' and '--png FILE' in r.stdout, 'help prints no warning'
 
 def test_ddp_two_processes_match_one_process_with_twice_the_batch(tmp_path):
     """torchrun with the gloo backend on CPU: 2 ranks x batch 4 give the weights of 1 process x batch 8."""
