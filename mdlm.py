@@ -1588,7 +1588,7 @@ def read_log(out_dir):
 
 def run_plot(args):
     """--plot [DIR ...]: the training curves of each run (default: --out-dir) in one picture,
-    <out-dir>/loss.png or --png FILE; a terminal chart per run without matplotlib."""
+    <first DIR>/loss.png or --png FILE; a terminal chart per run without matplotlib."""
     dirs = args.plot or [args.out_dir or 'out']
     logs = {d: read_log(d) for d in dirs}
     plt = pyplot(required=bool(args.png))
