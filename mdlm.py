@@ -177,10 +177,7 @@ def apply_rope(x, cos, sin):
 
 def attention(q, k, v, causal, dropout=0.0):
     """softmax(q k^T / sqrt(hs)) v, (B, nh, T, hs). A GPT fills the upper triangle of `att` with
-    -inf, so position i sees only positions <= i; a diffusion LM does not. On a GPU PyTorch's
-    fused kernel computes the same without storing `att`; on a CPU the formula is as fast."""
-    if q.is_cuda:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal)
+    -inf, so position i sees only positions <= i; a diffusion LM does not."""
     T = q.size(-2)
     att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))   # (B, nh, T, T)
     if causal:
@@ -198,7 +195,11 @@ class SelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)        # q, k, v: (B, nh, T, hs)
-        y = attention(q, k, v, self.causal, self.dropout if self.training else 0.0)
+        p = self.dropout if self.training else 0.0
+        if q.is_cuda or not torch.is_autocast_enabled('cpu'):   # PyTorch's kernel: the same, without storing att
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=self.causal)
+        else:                                       # on a CPU under bfloat16 autocast the formula is faster
+            y = attention(q, k, v, self.causal, p)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 # adaLN, "adaptive LayerNorm" (DiT, the diffusion transformer): each block turns t's embedding

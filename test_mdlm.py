@@ -246,6 +246,18 @@ def test_attention_formula_matches_the_fused_kernel(causal):
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
     assert torch.allclose(mdlm.attention(q, k, v, causal), ref, atol=1e-5)
 
+def test_the_formula_runs_on_a_cpu_in_bf16_and_the_fused_kernel_elsewhere(monkeypatch):
+    used = []
+    formula = mdlm.attention
+    monkeypatch.setattr(mdlm, 'attention', lambda *a: used.append(a[0].dtype) or formula(*a))
+    model, x = tiny_model(), torch.randint(65, (2, 32))
+    ref = model(x, torch.rand(2))
+    assert used == [], 'float32: the fused kernel'
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        fast = model(x, torch.rand(2))
+    assert len(used) == 2, 'bf16 autocast on a CPU: the formula, in each block'
+    assert (fast.softmax(-1) - ref.softmax(-1)).abs().max() < 0.02
+
 def test_gpt_is_causal_and_diffusion_is_not():
     gpt, diffusion = tiny_gpt(), tiny_model()
     x = torch.randint(65, (2, 32), generator=torch.Generator().manual_seed(0))

@@ -1,0 +1,374 @@
+"""
+lab.py: the measurements behind the README, kept out of the lesson. It imports mdlm and adds
+nothing to it. Run from the project root, after `python mdlm.py --train` and `--train --gpt`:
+
+    python lab/lab.py --frontier --judge out-gpt --num-samples 16 --length 128 --png pictures/frontier.png
+    python lab/lab.py --infill-eval                       # the default model: 1/3/5-letter blanks
+    python lab/lab.py --infill-eval --out-dir out-gpt     # the GPT, ranking every training word
+    python lab/lab.py --bench --num-samples 16 --length 256
+    python lab/lab.py --show-noise "To be, or not to be" --png pictures/forward.png
+    python lab/lab.py --plot out out-gpt --png pictures/training.png
+    python lab/lab.py --noise-levels --png pictures/noise-levels.png
+    python lab/lab.py --frames --seed 0 --png pictures/frames-confidence.png
+
+The ablations (a lever at a time, same seed and budget) are runs of `python mdlm.py --train` with
+flags; lab/README.md gives each with its figure and the commit that measured it.
+"""
+
+import argparse
+import math
+import os
+import re
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the project root
+import mdlm  # noqa: E402
+
+# The sampler settings --frontier compares: (name, SamplerConfig fields)
+PLAIN = dict(semi_ar=0, steps=64)
+FRONTIER = [
+    ('ancestral, 16 steps', dict(rule='ancestral', semi_ar=0, steps=16)),
+    ('ancestral, 64 steps', dict(rule='ancestral', **PLAIN)),
+    ('ancestral, 256 steps', dict(rule='ancestral', semi_ar=0, steps=256)),
+    ('ancestral, temperature 0.8', dict(rule='ancestral', temperature=0.8, **PLAIN)),
+    ('ancestral, top-p 0.9', dict(rule='ancestral', top_p=0.9, **PLAIN)),
+    ('ancestral, top-p 0.8', dict(rule='ancestral', top_p=0.8, **PLAIN)),
+    ('ancestral, semi-ar 8', dict(rule='ancestral', semi_ar=8, steps=8)),
+    ('random, 64 steps', dict(rule='random', **PLAIN)),
+    ('confidence, 64 steps', dict(rule='confidence', **PLAIN)),
+    ('confidence, semi-ar 8', dict(rule='confidence', semi_ar=8, steps=8)),
+    ('confidence, semi-ar 8, 4 steps', dict(rule='confidence', semi_ar=8, steps=4)),
+    ('confidence, semi-ar 12, 8 steps', dict(rule='confidence', semi_ar=12, steps=8)),
+    ('confidence, semi-ar 16, 8 steps', dict(rule='confidence', semi_ar=16, steps=8)),
+    ('confidence, semi-ar 16, 16 steps', dict(rule='confidence', semi_ar=16, steps=16)),
+    ('confidence, semi-ar 8, temperature 1.1', dict(rule='confidence', semi_ar=8, steps=8, temperature=1.1)),
+]
+
+def counting(model):
+    """A list that counts the rows the model runs (a forward hook): the cost of a sampler."""
+    rows = [0]
+    model.register_forward_hook(lambda module, inputs, output: rows.__setitem__(0, rows[0] + inputs[0].size(0)))
+    return rows
+
+def load(args):
+    model, tok, ckpt = mdlm.load_for_inference(args)
+    return model, tok, ckpt, next(model.parameters()).device
+
+
+# --- the sampler frontier ---------------------------------------------------------------------------
+
+def run_frontier(args):
+    """Every FRONTIER setting from the same seed, scored by the judge: bits/char, unigram entropy,
+    model calls per character; a table, and a picture with --png."""
+    model, tok, _, device = load(args)
+    if model.config.causal:
+        raise mdlm.CliError(f'{args.out_dir}/ckpt.pt is a GPT: --frontier compares the diffusion sampler\'s settings')
+    if args.judge is None:
+        raise mdlm.CliError('--frontier needs --judge DIR: the GPT checkpoint that scores the samples')
+    judge = mdlm.load_judge(args.judge, tok, device)
+    B, L = args.num_samples, args.length or 2 * model.config.block_size
+    calls, rows = counting(model), []
+    for name, fields in FRONTIER:
+        calls[0] = 0
+        s = mdlm.SamplerConfig(**fields)
+        out = mdlm.generate_text(model, [], L, B, s, torch.Generator(device=device).manual_seed(args.seed))
+        rows.append((name + (' (default)' if s == mdlm.SamplerConfig() else ''), *mdlm.judge_figures(judge, out),
+                     calls[0] / (B * L)))
+    out = mdlm.gpt_generate(judge, [], L, B, generator=torch.Generator(device=device).manual_seed(args.seed))
+    rows.append(('the GPT twin (judge) itself', *mdlm.judge_figures(judge, out), 1.0))
+    rows.append(('real val text', *mdlm.judge_figures(judge, mdlm.real_val_text(args, tok, out)), float('nan')))
+    print(f'{B} samples x {L} chars, seed {args.seed}; judge {args.judge}')
+    print(f'{"setting":46} {"bits/char":>9} {"entropy":>8} {"calls/char":>10}')
+    for name, bits, entropy, per_char in rows:
+        print(f'{name:46} {bits:9.3f} {entropy:8.2f} {per_char:10.2f}')
+    if args.png:
+        frontier_picture(rows, args.png, f'samplers of {args.out_dir}/ckpt.pt, {B} x {L} chars')
+    return 0
+
+def frontier_picture(rows, path, title):
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for name, bits, entropy, _ in rows:
+        star = 'default' in name
+        ax.scatter(entropy, bits, marker='*' if star else 'o', s=120 if star else 30,
+                   color='C1' if 'GPT' in name else 'C2' if 'real' in name else 'C3' if star else 'C0')
+        ax.annotate(name, (entropy, bits), fontsize=7, xytext=(3, 3), textcoords='offset points')
+    gpt_bits, real_entropy = rows[-2][1], rows[-1][2]      # where text reads like the GPT's and like real text
+    ax.axhline(1.5 * gpt_bits, color='grey', linestyle='--', linewidth=0.8)
+    ax.axvline(real_entropy - 0.25, color='grey', linestyle='--', linewidth=0.8)
+    ax.annotate('right of and below the dashed lines:\nentropy within 0.25 bits of real text\'s,\n'
+                'bits/char within 1.5x of the GPT\'s own samples\'', (real_entropy - 0.25, 1.5 * gpt_bits),
+                fontsize=8, color='grey', xytext=(6, -8), textcoords='offset points', va='top')
+    ax.set(xlabel='unigram entropy of a sample (bits): low = repetitive',
+           ylabel='bits/char under the GPT judge: low = plausible', title=title)
+    ax.grid(alpha=0.3)
+    save_picture(fig, path)
+
+
+# --- the infill metric --------------------------------------------------------------------------------
+
+def blanked_words(text, length, n, seed=mdlm.EVAL_SEED):
+    """n seeded infill questions from `text`: a lowercase word of `length` letters in a line,
+    given with the two lines before it. Returns (context, start of the word in it, word)."""
+    lines = text.split('\n')
+    word = re.compile(rf"(?<![A-Za-z'])[a-z]{{{length}}}(?![A-Za-z'])")
+    found = [(i, m.start(), m.group()) for i in range(2, len(lines)) for m in word.finditer(lines[i])]
+    picks = [found[j] for j in torch.randperm(len(found), generator=torch.Generator().manual_seed(seed))[:n]]
+    return [('\n'.join(lines[i - 2:i + 1]), len(lines[i - 2]) + len(lines[i - 1]) + 2 + pos, w)
+            for i, pos, w in picks]
+
+@torch.no_grad()
+def infill_accuracy(model, tok, train_text, val_text, sampler, generator, lengths=(1, 3, 5), n=100):
+    """Fill blanked val words and count exact words and right characters, per length. A diffusion
+    model fills each with mdlm.infill. A GPT cannot see past the blank, so it gets a list instead:
+    every word of that length in the training text, each put in the blank and scored on the
+    window around it (infill's window); it answers the likeliest."""
+    T, mask_id = model.config.block_size, model.config.vocab_size - 1
+    device = next(model.parameters()).device
+    rows = []
+    for length in lengths:
+        candidates = sorted({w for _, _, w in blanked_words(train_text, length, 10 ** 9)})
+        exact = right = 0
+        for text, start, word in blanked_words(val_text, length, n):
+            ids = tok.encode(text[:start]) + [mask_id] * length + tok.encode(text[start + length:])
+            if model.config.causal:
+                win = mdlm.blank_window(start, start + length, len(ids), T)
+                lines = torch.tensor([tok.encode(text[win:start] + c + text[start + length:])[:T] for c in candidates],
+                                     device=device)
+                nll = torch.cat([mdlm.nll_per_seq(model, chunk) for chunk in lines.split(256)])
+                guess = candidates[nll.argmin().item()]
+            else:
+                out = mdlm.infill(model, ids, 1, sampler, generator)
+                guess = tok.decode(out[0, start:start + length].tolist())
+            exact += guess == word
+            right += sum(a == b for a, b in zip(guess, word))
+        rows.append((length, exact / n, right / (n * length)))
+    return rows
+
+def run_infill_eval(args):
+    model, tok, _, device = load(args)
+    text = mdlm.load_data_text(args)
+    split = int(0.9 * len(text))
+    sampler = mdlm.sampler_from_args(argparse.Namespace(**{**vars(args), 'num_samples': 1}), infill=True)   # one fill
+    how = ('ranks every training word of the length (the GPT cannot see past the blank)' if model.config.causal
+           else f'fills with --infill\'s sampler: {sampler}')
+    print(f'infill: 100 blanked val words per length, each given with its line and the two before; {how}')
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    for length, exact, chars in infill_accuracy(model, tok, text[:split], text[split:], sampler, g):
+        print(f'  {length}-letter words: {exact:.0%} exact, {chars:.0%} of letters right')
+    return 0
+
+
+# --- speed --------------------------------------------------------------------------------------------
+
+def fused_attention(q, k, v, causal, dropout=0.0):
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal)
+
+def best_time(variants, n, sync):
+    """Three rounds, the variants taking turns, the best round of each: a noisy machine slows some
+    rounds, and taking turns keeps a slow spell from landing on one variant only."""
+    best = {name: float('inf') for name in variants}
+    for _ in range(3):
+        for name, fn in variants.items():
+            fn()
+            sync()
+            tic = time.time()
+            for _ in range(n):
+                fn()
+            sync()
+            best[name] = min(best[name], (time.time() - tic) / n)
+    return best
+
+def run_bench(args):
+    """Training step speed (as mdlm trains: the attention formula on a CPU in bf16, PyTorch's fused
+    kernel elsewhere; the fused kernel always; the GPT twin), then sampling speed per rule and for
+    the GPT's own loop (inference is float32: the fused kernel).
+    Random tokens, no data needed: speed does not depend on what the text says."""
+    device = mdlm.pick_device(args.device)
+    sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
+    p = mdlm.PRESETS[args.preset]
+    shape = dict(n_layer=p['n_layer'], n_head=p['n_head'], n_embd=p['n_embd'], block_size=p['block_size'])
+    B, T = args.batch_size or p['batch_size'], p['block_size']
+    autocast = mdlm.autocast_for(device, args.dtype)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    x0 = torch.randint(65, (B, T), device=device, generator=g)
+    models = {}
+    for kind, extra in (('diffusion', dict(use_time=p['use_time'])), ('gpt', dict(use_time=False, causal=True))):
+        torch.manual_seed(args.seed)
+        m = mdlm.MDLM(mdlm.ModelConfig(vocab_size=66, dropout=0.0, **shape, **extra)).to(device)
+        models[kind] = (m, mdlm.make_optimizer(m, 1e-4, 0.1, fused=device.startswith('cuda')))
+    print(f'bench: device {device} | preset {args.preset} | {models["diffusion"][0].num_params() / 1e6:.2f}M parameters | '
+          f'batch {B} x block {T} | {"bfloat16 autocast" if mdlm.uses_bf16(device, args.dtype) else "float32"} | '
+          f'threads {torch.get_num_threads()}')
+    lesson_attention = mdlm.attention
+    def step(kind, attention):
+        mdlm.attention = attention
+        model, opt = models[kind]
+        batch = mdlm.training_batch(x0.flatten(), B, T, 65, g, kind == 'gpt')
+        mdlm.train_step(model, opt, batch, 1e-4, autocast=autocast)
+        mdlm.attention = lesson_attention
+    variants = {'diffusion, as mdlm trains': lambda: step('diffusion', lesson_attention),
+                'diffusion, fused sdpa always': lambda: step('diffusion', fused_attention),
+                'the GPT twin, as mdlm trains': lambda: step('gpt', lesson_attention)}
+    best = best_time(variants, args.iters, sync)
+    for name, dt in best.items():
+        print(f'train ({name}): {dt * 1000:.1f} ms/step, {B * T / dt:,.0f} tok/s')
+    mine, fused, gpt = best.values()
+    print(f'as mdlm trains / fused always: {mine / fused:.2f}x the time; diffusion step / GPT step: {mine / gpt:.2f}x')
+    L, N = args.length or T, args.num_samples
+    model, gpt = models['diffusion'][0].eval(), models['gpt'][0].eval()
+    calls = counting(model)
+    for rule in ('confidence', 'ancestral', 'random'):
+        for s in ([mdlm.SamplerConfig()] if rule == 'confidence' else []) + [mdlm.SamplerConfig(rule=rule, **PLAIN)]:
+            calls[0] = 0
+            sync()
+            tic = time.time()
+            mdlm.generate_text(model, [], L, N, s, g)
+            sync()
+            dt = time.time() - tic
+            what = 'the default sampler' if s == mdlm.SamplerConfig() else f'{rule}, {s.steps} steps, no blocks'
+            print(f'sample ({what}): {N} x {L} chars: {N * L / dt:,.0f} chars/s, {calls[0] / (N * L):.2f} model calls per char')
+    sync()
+    tic = time.time()
+    mdlm.gpt_generate(gpt, [], L, N, generator=g)
+    sync()
+    print(f'sample (the GPT twin, one pass a character): {N} x {L} chars: {N * L / (time.time() - tic):,.0f} chars/s, '
+          f'1.00 model calls per char')
+    return 0
+
+
+# --- pictures -------------------------------------------------------------------------------------------
+
+def pyplot():
+    """matplotlib's pyplot, drawing into files (no display needed), or one line of error."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise mdlm.CliError('the pictures need matplotlib: pip install -r requirements.txt')
+    return plt
+
+def save_picture(fig, path):
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches='tight')
+    pyplot().close(fig)
+    print(f'wrote {path}', file=sys.stderr)
+
+def text_picture(lines, path, title):
+    """Lines of text in a monospace font, one under the other ([MASK] drawn as mdlm.MASK_GLYPH)."""
+    plt = pyplot()
+    fig = plt.figure(figsize=(0.085 * max(map(len, lines)) + 0.4, 0.25 * len(lines) + 0.5))
+    for i, line in enumerate(lines):
+        fig.text(0.02, 1 - (i + 0.8) / (len(lines) + 0.8), line, family='DejaVu Sans Mono', fontsize=10, va='top')
+    fig.suptitle(title, x=0.02, ha='left', fontsize=10)
+    save_picture(fig, path)
+
+def run_show_noise(args):
+    tok = mdlm.Tokenizer(sorted(set(mdlm.load_data_text(args))))
+    text_picture(mdlm.show_noise(args.show_noise, tok, args.seed).split('\n'), args.png,
+                 'the forward process: each character masked with probability t')
+    return 0
+
+def run_plot(args):
+    """The training curves of each run in one picture: val solid, train dotted."""
+    logs = {d: mdlm.read_log(d) for d in args.plot}
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (d, rows) in enumerate(logs.items()):
+        steps, train, val = zip(*rows)
+        ax.plot(steps, val, marker='.', color=f'C{i}', label=f'{d}: val')
+        ax.plot(steps, train, linestyle=':', color=f'C{i}', label=f'{d}: train')
+    ax.set(xlabel='step', ylabel='nats/char (diffusion: NELBO bound; GPT: exact NLL)', title='training curves')
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save_picture(fig, args.png)
+    return 0
+
+def run_noise_levels(args):
+    """--eval's table of the masked cross-entropy per noise level, drawn (the same windows and batches)."""
+    model, tok, ckpt, device = load(args)
+    if model.config.causal:
+        raise mdlm.CliError('a GPT has no noise level: --noise-levels is for a diffusion model')
+    _, val_data = mdlm.split_data(mdlm.load_data_text(args), tok, model.config.block_size)
+    ts = [round(0.1 * i, 1) for i in range(1, 11)]
+    ces = mdlm.ce_per_noise_level(model, val_data.to(device), ts, mdlm.EVAL_BATCHES // 4, ckpt['args']['batch_size'])
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(ts, ces, marker='o')
+    ax.set(xlabel='t: the fraction of characters masked', ylabel='nats per masked character', ylim=(0, None),
+           title=f'val cross-entropy per noise level, {args.out_dir}/ckpt.pt')
+    ax.grid(alpha=0.3)
+    save_picture(fig, args.png)
+    return 0
+
+def run_frames(args):
+    """Nine frames of one sample coming out of noise, evenly spaced, the first and the last among them."""
+    model, tok, _, device = load(args)
+    s = mdlm.sampler_from_args(args)
+    frames = []
+    mdlm.generate_text(model, [], args.length or model.config.block_size, 1, s,
+                       torch.Generator(device=device).manual_seed(args.seed),
+                       lambda x: frames.append(f'step {len(frames) + 1:4d} | {tok.decode(x[0].tolist())}'.replace('\n', '\u21b5')))
+    picks = sorted({round(i * (len(frames) - 1) / 8) for i in range(9)})
+    how = f'rule {s.rule}, {s.steps} steps' + (f' per block of {s.semi_ar}' if s.semi_ar else '')
+    text_picture([frames[i] for i in picks], args.png, f'text out of noise: {how} ({len(frames)} frames)')
+    return 0
+
+
+# --- the command line ---------------------------------------------------------------------------------
+
+def build_parser():
+    p = argparse.ArgumentParser(description='The lab: the measurements behind the README (imports mdlm).',
+                                allow_abbrev=False)
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument('--frontier', action='store_true', help='score sampler settings with --judge DIR (a GPT)')
+    mode.add_argument('--infill-eval', action='store_true', help='fill 100 blanked val words of 1, 3 and 5 letters')
+    mode.add_argument('--bench', action='store_true', help='training step and sampling speed')
+    mode.add_argument('--show-noise', metavar='TEXT', help='picture: the forward process on TEXT')
+    mode.add_argument('--plot', nargs='+', metavar='DIR', help='picture: the training curves of each DIR/log.csv')
+    mode.add_argument('--noise-levels', action='store_true', help='picture: val cross-entropy per noise level')
+    mode.add_argument('--frames', action='store_true', help='picture: nine frames of a sample coming out of noise')
+    p.add_argument('--png', metavar='FILE', help='the picture\'s file (the picture modes need it; --frontier may)')
+    p.add_argument('--out-dir', default='out', help='the model (default out/)')
+    p.add_argument('--judge', metavar='DIR', help='--frontier: the GPT checkpoint that scores the samples')
+    p.add_argument('--num-samples', type=int, default=16)
+    p.add_argument('--length', type=int, help='characters per sample (default: block_size; --frontier: twice it)')
+    p.add_argument('--rule', choices=['confidence', 'ancestral', 'random'])
+    p.add_argument('--steps', type=int)
+    p.add_argument('--semi-ar', type=int)
+    p.add_argument('--temperature', type=float)
+    p.add_argument('--top-p', type=float)
+    p.add_argument('--preset', choices=list(mdlm.PRESETS), default='tiny', help='--bench: the shape timed')
+    p.add_argument('--batch-size', type=int, help='--bench (default: the preset\'s)')
+    p.add_argument('--iters', type=int, default=10, help='--bench: steps per timed round')
+    p.add_argument('--dtype', choices=['auto', 'float32', 'bfloat16'], default='auto')
+    p.add_argument('--device')
+    p.add_argument('--data', default=mdlm.DEFAULT_DATA)
+    p.add_argument('--seed', type=int, default=mdlm.SEED)
+    return p
+
+MODES = {'frontier': run_frontier, 'infill_eval': run_infill_eval, 'bench': run_bench, 'show_noise': run_show_noise,
+         'plot': run_plot, 'noise_levels': run_noise_levels, 'frames': run_frames}
+PICTURES = ('show_noise', 'plot', 'noise_levels', 'frames')
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    args.explicit = {k for k, v in vars(args).items() if v is not None}   # mdlm refuses a GPT diffusion flags
+    mode = next(name for name in MODES if getattr(args, name) not in (None, False))
+    try:
+        if mode in PICTURES and not args.png:
+            raise mdlm.CliError(f'--{mode.replace("_", "-")} draws a picture: give --png FILE')
+        if args.png:
+            pyplot()                      # before the work, not after it
+        return MODES[mode](args)
+    except mdlm.CliError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 1
+
+if __name__ == '__main__':
+    sys.exit(main())

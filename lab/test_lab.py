@@ -1,0 +1,140 @@
+"""
+Tests for lab/lab.py: every mode runs on tiny models and prints or draws what the README shows.
+Run with the lesson's tests, from the project root:
+
+    python -m pytest -q -rs test_mdlm.py lab/test_lab.py
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+spec = importlib.util.spec_from_file_location('lab', os.path.join(HERE, 'lab.py'))
+lab = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(lab)             # it puts the project root on the path and imports mdlm
+mdlm = lab.mdlm
+TINY = ['--n-layer', '2', '--n-head', '2', '--n-embd', '32', '--block-size', '32', '--batch-size', '8',
+        '--eval-iters', '2', '--dtype', 'float32', '--device', 'cpu']
+
+@pytest.fixture(scope='module')
+def text():
+    return mdlm.load_text(mdlm.DEFAULT_DATA)
+
+@pytest.fixture(scope='module')
+def tok(text):
+    return mdlm.Tokenizer(sorted(set(text)))
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+    """A tiny diffusion model and its GPT twin, 40 steps each."""
+    d, g = (str(tmp_path_factory.mktemp(name)) for name in ('diffusion', 'gpt'))
+    assert mdlm.main(['--train', '--max-iters', '40', '--eval-interval', '20', '--out-dir', d, *TINY]) == 0
+    assert mdlm.main(['--train', '--gpt', '--max-iters', '40', '--eval-interval', '20', '--out-dir', g, *TINY]) == 0
+    return d, g
+
+def tiny(causal=False):
+    torch.manual_seed(0)
+    return mdlm.MDLM(mdlm.ModelConfig(vocab_size=66, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
+                                      use_time=not causal, causal=causal)).eval()
+
+def png_ok(path):
+    with open(path, 'rb') as f:
+        assert f.read(8) == b'\x89PNG\r\n\x1a\n', f'{path} is a PNG'
+
+def test_lab_runs_from_the_project_root_and_from_elsewhere(tmp_path):
+    for cwd in (ROOT, str(tmp_path)):
+        r = subprocess.run([sys.executable, os.path.join(HERE, 'lab.py'), '--help'], capture_output=True, text=True, cwd=cwd)
+        assert r.returncode == 0 and '--frontier' in r.stdout and r.stderr == '', r
+
+def test_frontier_scores_every_setting_and_counts_model_calls(runs, capsys, tmp_path):
+    d, g = runs
+    png = tmp_path / 'frontier.png'
+    assert lab.main(['--frontier', '--out-dir', d, '--judge', g, '--num-samples', '2', '--length', '40',
+                     '--device', 'cpu', '--png', str(png)]) == 0
+    out = capsys.readouterr().out
+    rows = {line[:46].strip(): line[46:].split() for line in out.splitlines()[2:]}
+    assert len(rows) == len(lab.FRONTIER) + 2 and 'confidence, semi-ar 8 (default)' in rows, out
+    assert float(rows['confidence, semi-ar 8 (default)'][2]) == 1.0, 'the default: one call per character'
+    assert float(rows['ancestral, 16 steps'][2]) < 1.0 < float(rows['ancestral, 256 steps'][2])
+    assert rows['real val text'][2] == 'nan' and all(float(v[0]) > 0 for v in rows.values())
+    png_ok(png)
+    assert lab.main(['--frontier', '--out-dir', g, '--judge', g, '--device', 'cpu']) == 1
+    assert 'is a GPT' in capsys.readouterr().err
+
+def test_blanked_words_are_real_words_at_their_place(text):
+    qs = lab.blanked_words(text[:50000], 5, 20)
+    assert len(qs) == 20 and len(set(qs)) == 20
+    for context, start, word in qs:
+        assert context[start:start + 5] == word and word.islower() and context.count('\n') == 2
+        assert not context[start - 1:start].isalpha() and not context[start + 5:start + 6].isalpha()
+    assert qs == lab.blanked_words(text[:50000], 5, 20), 'seeded'
+
+def test_infill_accuracy_of_an_oracle_is_100_percent_and_both_kinds_run(text, tok):
+    class Oracle(torch.nn.Module):       # a "diffusion model" that sees the answer: logits from x0
+        config = mdlm.ModelConfig(vocab_size=66, block_size=32)
+        answer = None
+        def forward(self, xt, t):
+            return torch.where(torch.arange(66) == Oracle.answer[:, :, None], 10.0, -10.0).float()
+    split = int(0.9 * len(text))
+    context, start, word = lab.blanked_words(text[split:], 3, 1)[0]
+    ids = torch.tensor(tok.encode(context))
+    a = mdlm.blank_window(start, start + 3, len(ids), 32)
+    Oracle.answer = ids[a:a + 32][None]
+    oracle = Oracle()
+    oracle.register_parameter('p', torch.nn.Parameter(torch.zeros(1)))
+    s, g = mdlm.SamplerConfig(), torch.Generator().manual_seed(0)
+    assert lab.infill_accuracy(oracle, tok, text[:split], text[split:], s, g, lengths=(3,), n=1) == [(3, 1.0, 1.0)]
+    for model in (tiny(), tiny(causal=True)):
+        rows = lab.infill_accuracy(model, tok, text[:200000], text[split:], s, g, lengths=(1, 3), n=2)
+        assert [r[0] for r in rows] == [1, 3] and all(0 <= r[1] <= r[2] <= 1 for r in rows)
+
+def test_infill_eval_prints_the_table_with_the_best_guess(runs, capsys):
+    d, _ = runs
+    seen = {}
+    real = lab.infill_accuracy
+    lab.infill_accuracy = lambda model, tok, tr, va, sampler, g: seen.setdefault('s', sampler) and [(1, 0.5, 0.5)]
+    try:
+        assert lab.main(['--infill-eval', '--out-dir', d, '--device', 'cpu']) == 0
+    finally:
+        lab.infill_accuracy = real
+    assert seen['s'] == mdlm.SamplerConfig(temperature=mdlm.INFILL_TEMPERATURE), 'one fill: the best guess'
+    assert '1-letter words: 50% exact' in capsys.readouterr().out
+
+def test_bench_prints_figures(capsys):
+    assert lab.main(['--bench', '--iters', '1', '--batch-size', '4', '--num-samples', '2', '--length', '16',
+                     '--dtype', 'float32', '--device', 'cpu']) == 0
+    out = capsys.readouterr().out
+    assert 'tok/s' in out and 'fused sdpa always' in out and 'GPT step' in out and 'the default sampler' in out
+    assert all(f'sample ({r}, 64 steps' in out for r in ('ancestral', 'random')) and 'sample (the GPT twin' in out
+    assert mdlm.attention is lab.mdlm.attention and mdlm.attention.__name__ == 'attention', 'the lesson\'s attention is back'
+
+def test_every_picture_is_written_by_its_command(runs, tmp_path, capsys):
+    d, g = runs
+    for name, argv in {'forward': ['--show-noise', 'To be, or not to be'], 'curves': ['--plot', d, g],
+                       'levels': ['--noise-levels', '--out-dir', d],
+                       'frames': ['--frames', '--out-dir', d, '--rule', 'random', '--semi-ar', '0', '--steps', '20']}.items():
+        path = tmp_path / 'pictures' / f'{name}.png'
+        assert lab.main([*argv, '--png', str(path), '--device', 'cpu']) == 0, name
+        png_ok(path)
+    assert capsys.readouterr().err.count('wrote ') == 4
+    assert lab.main(['--plot', d]) == 1 and 'give --png FILE' in capsys.readouterr().err
+
+def test_frames_picture_draws_nine_frames_first_and_last(runs, tmp_path, monkeypatch):
+    drawn = {}
+    monkeypatch.setattr(lab, 'text_picture', lambda lines, path, title: drawn.update(lines=lines, title=title))
+    assert lab.main(['--frames', '--out-dir', runs[0], '--rule', 'random', '--semi-ar', '0', '--steps', '20',
+                     '--png', str(tmp_path / 'f.png'), '--device', 'cpu']) == 0
+    steps = [int(line.split('|')[0].split()[1]) for line in drawn['lines']]
+    assert steps[0] == 1 and steps[-1] == 20 and len(steps) == 9 and steps == sorted(steps), steps
+    assert mdlm.MASK_GLYPH not in drawn['lines'][-1] and 'rule random, 20 steps' in drawn['title']
+
+def test_pictures_without_matplotlib_are_one_line(runs, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)      # import matplotlib -> ImportError
+    assert lab.main(['--plot', runs[0], '--png', str(tmp_path / 'x.png')]) == 1
+    assert 'need matplotlib' in capsys.readouterr().err and not os.path.exists(tmp_path / 'x.png')
