@@ -636,9 +636,10 @@ def download_data(path, url=DATA_URL, sha256=DATA_SHA256, opener=urllib.request.
         f.write(raw)
     os.replace(tmp, path)
 
-def load_text(path, allow_download=False):
+def load_text(path):
+    """The text at `path`; Tiny Shakespeare is downloaded first where the default path has none."""
     if not os.path.exists(path):
-        if not allow_download:
+        if path != DEFAULT_DATA:
             raise CliError(f'no data file at {path}')
         print(f'downloading Tiny Shakespeare to {path}', file=sys.stderr)
         download_data(path)
@@ -652,10 +653,6 @@ def load_text(path, allow_download=False):
     if not text:
         raise CliError(f'{path} is empty')
     return text
-
-def load_data_text(args):
-    """--data's text; the default path is downloaded when absent."""
-    return load_text(args.data, allow_download=args.data == DEFAULT_DATA)
 
 def pick_device(requested=None):
     """--device if this machine has it, else the best there is: cuda, then mps, then cpu."""
@@ -749,9 +746,6 @@ def model_from_checkpoint(ckpt, device='cpu'):
     except Exception as e:
         raise CliError(f'the checkpoint does not hold a valid mdlm model ({type(e).__name__})')
     return model.to(device).eval(), tok
-
-def kind_name(config):
-    return 'gpt' if config.causal else 'diffusion'
 
 def refuse_other_kind(ckpt_path, causal):
     """Training a GPT must never replace the diffusion model in the same directory, nor the reverse."""
@@ -863,7 +857,7 @@ def start_run(args):
     changed = []
     if ckpt:
         (config, changed), preset = resume_config(ckpt, args), 'from checkpoint'
-    text = load_data_text(args)
+    text = load_text(args.data)
     run.tok = Tokenizer(ckpt['vocab']) if ckpt else Tokenizer(sorted(set(text)))
     if not ckpt:
         refuse_other_kind(run.ckpt_path, args.causal)
@@ -893,7 +887,7 @@ def start_run(args):
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
         run.step_model = DistributedDataParallel(run.step_model, device_ids=[device] if device.startswith('cuda') else None)
-    run.log(f'device {device}{f" x {world}" if world > 1 else ""} | preset {preset} | {kind_name(config)} | '
+    run.log(f'device {device}{f" x {world}" if world > 1 else ""} | preset {preset} | {"gpt" if config.causal else "diffusion"} | '
             f'{run.model.num_params() / 1e6:.2f}M parameters | {asdict(config)}')
     run.log(f'fast path: {"bfloat16 autocast" if uses_bf16(device, args.dtype) else "float32"}'
             f'{", torch.compile" if compiled else ""}; evaluations in float32')
@@ -908,7 +902,7 @@ def save_run(run, args):
     if run.rank == 0:
         os.makedirs(args.out_dir, exist_ok=True)
         save_checkpoint(run.ckpt_path, {
-            'format': FORMAT, 'kind': kind_name(run.config), 'model': run.model.state_dict(),
+            'format': FORMAT, 'kind': 'gpt' if run.config.causal else 'diffusion', 'model': run.model.state_dict(),
             'optimizer': run.optimizer.state_dict(), 'config': asdict(run.config), 'vocab': run.tok.itos,
             'iter': run.it, 'best_val': run.best_val,
             'args': {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
@@ -1045,7 +1039,7 @@ def judge_figures(judge, rows, n_prompt=0):
 
 def real_val_text(args, tok, like):
     """As many seeded val windows as `like` has rows, as long as its rows: the reference."""
-    _, val_data = split_data(load_data_text(args), tok, like.size(1))
+    val_data = split_data(load_text(args.data), tok, like.size(1))[1]
     return get_batch(val_data, like.size(0), like.size(1), torch.Generator().manual_seed(args.seed)).to(like.device)
 
 def load_judge(out_dir, tok, device):
@@ -1146,7 +1140,7 @@ def run_eval(args):
     for a diffusion model, the masked cross-entropy at ten noise levels."""
     model, tok, ckpt = load_for_inference(args)
     device, causal = next(model.parameters()).device, model.config.causal
-    train_data, val_data = (d.to(device) for d in split_data(load_data_text(args), tok, model.config.block_size))
+    train_data, val_data = (d.to(device) for d in split_data(load_text(args.data), tok, model.config.block_size))
     n, B = args.eval_iters or EVAL_BATCHES, args.batch_size or ckpt['args']['batch_size']   # as in training
     for name, data in (('val', val_data), ('train', train_data)):
         mean, se = estimate_loss(model, data, n, B)
@@ -1298,7 +1292,7 @@ def resolve(args, device):
 def run_show_noise(args):
     if not args.show_noise:
         raise CliError('give some text to show the forward process on')
-    print(show_noise(args.show_noise, Tokenizer(sorted(set(load_data_text(args)))), args.seed))
+    print(show_noise(args.show_noise, Tokenizer(sorted(set(load_text(args.data)))), args.seed))
     return 0
 
 def run_plot(args):

@@ -169,9 +169,9 @@ def test_the_default_data_file_is_downloaded_when_absent(tmp_path, monkeypatch, 
     path = str(tmp_path / 'input.txt')
     monkeypatch.setattr(mdlm, 'DEFAULT_DATA', path)
     monkeypatch.setattr(mdlm, 'download_data', lambda p: open(p, 'w').write(text))
-    assert mdlm.load_data_text(types.SimpleNamespace(data=path)) == text
+    assert mdlm.load_text(path) == text
     with pytest.raises(mdlm.CliError, match='no data file'):     # only the default path downloads
-        mdlm.load_data_text(types.SimpleNamespace(data=str(tmp_path / 'other.txt')))
+        mdlm.load_text(str(tmp_path / 'other.txt'))
 
 # -----------------------------------------------------------------------------
 # 3. the forward process

@@ -151,7 +151,7 @@ def infill_accuracy(model, tok, train_text, val_text, sampler, generator, length
 
 def run_infill_eval(args):
     model, tok, _, device = load(args)
-    text = mdlm.load_data_text(args)
+    text = mdlm.load_text(args.data)
     split = int(0.9 * len(text))
     sampler = mdlm.sampler_from_args(argparse.Namespace(**{**vars(args), 'num_samples': 1}), infill=True)   # one fill
     how = ('ranks every training word of the length (the GPT cannot see past the blank)' if model.config.causal
@@ -269,7 +269,7 @@ def text_picture(lines, path, title):
     save_picture(fig, path)
 
 def run_show_noise(args):
-    tok = mdlm.Tokenizer(sorted(set(mdlm.load_data_text(args))))
+    tok = mdlm.Tokenizer(sorted(set(mdlm.load_text(args.data))))
     text_picture(mdlm.show_noise(args.show_noise, tok, args.seed).split('\n'), args.png,
                  'the forward process: each character masked with probability t')
     return 0
@@ -294,7 +294,7 @@ def run_noise_levels(args):
     model, tok, ckpt, device = load(args)
     if model.config.causal:
         raise mdlm.CliError('a GPT has no noise level: --noise-levels is for a diffusion model')
-    _, val_data = mdlm.split_data(mdlm.load_data_text(args), tok, model.config.block_size)
+    _, val_data = mdlm.split_data(mdlm.load_text(args.data), tok, model.config.block_size)
     ts = [round(0.1 * i, 1) for i in range(1, 11)]
     ces = mdlm.ce_per_noise_level(model, val_data.to(device), ts, mdlm.EVAL_BATCHES // 4, ckpt['args']['batch_size'])
     plt = pyplot()
