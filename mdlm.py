@@ -2,7 +2,7 @@
 mdlm.py: a Masked Diffusion Language Model, from scratch, in one file.
 
 A GPT writes text left to right, one character per forward pass. A masked diffusion LM starts
-from a line made only of [MASK] and, over a few dozen passes, replaces masks with characters
+from a line made only of [MASK] and, over as many passes as one asks, replaces masks with characters
 anywhere in the line, each pass seeing the whole line in both directions. Training is BERT's
 masked-token prediction with one change: the fraction of masked tokens is drawn fresh for every
 sequence, from 0 to 1, and the losses are weighted so that their sum is an upper bound on the
@@ -65,16 +65,16 @@ RECIPE = dict(min_lr=1e-4, warmup_iters=100, weight_decay=0.1, t_proposal='cosin
 class SamplerConfig:         # section 7 explains each
     rule: str = 'confidence'     # which proposals to commit at each step: 'confidence', 'ancestral', 'random'
     steps: int = 8               # denoising steps (per block, with semi_ar)
-    semi_ar: int = 8             # fill the masks in blocks of this many, left to right; 0: all at once
+    semi_ar: int = 8             # masks in blocks of this many, left to right (0: none); 8 = steps: a char a pass
     temperature: float = 1.0     # 0: always the likeliest character
     top_p: float = 1.0           # sample only from the likeliest characters whose probabilities sum to top_p
 
 INFILL_TEMPERATURE = 0.0   # one fill of a blank is the model's best guess; several fills are drawn at 1
 SEED = 1337         # training's batches and noise, and sampling, unless --seed says otherwise
-EPS = 1e-3          # training draws t from [EPS, 1]: t = 0 would mask nothing and weigh 1/t = inf
+EPS = 1e-3          # training draws t from [EPS, 1): t = 0 would mask nothing, its 1/t weight (5) infinite
 EVAL_SEED = 1234    # every evaluation scores the same windows with the same masks
 MASK_GLYPH = '■'    # how a [MASK] is drawn on screen
-HERE = os.path.dirname(os.path.abspath(__file__)) if '__file__' in globals() else os.getcwd()  # a notebook has no __file__
+HERE = os.path.dirname(os.path.abspath(__file__)) if '__file__' in globals() else os.getcwd()  # notebooks: no __file__
 DEFAULT_DATA = os.path.join(HERE, 'input.txt')
 NOTEBOOK = __name__ == '__main__' and 'ipykernel' in sys.modules   # the demos run in a notebook only
 DEMO_ITERS = 1000   # training steps of the notebook's demo (one to two minutes on a laptop CPU)
@@ -204,8 +204,8 @@ class SelfAttention(nn.Module):
 
 # adaLN, "adaptive LayerNorm" (DiT, the diffusion transformer): each block turns t's embedding
 # into a shift and a scale of its LayerNorms' outputs, h = LN(x) * (1 + scale(t)) + shift(t),
-# from a layer that starts at zero ("adaLN-Zero"): at step 0 the model ignores t. Is t needed?
-# The fraction of masks in the input is close to t, so the tiny preset goes without.
+# from a layer that starts at zero (DiT's adaLN-Zero, without its gates): at step 0 t does nothing.
+# Is t needed? The fraction of masks in the input is close to t; the tiny preset goes without.
 
 TIME_DIM = 128   # width of the time embedding that feeds every block's adaLN
 
@@ -293,15 +293,17 @@ if NOTEBOOK:   # demo: the tiny preset's model, untrained
     print(f'{model.num_params() / 1e6:.2f}M parameters, {config}')
 
 # %% 5. The loss -----------------------------------------------------------------------------------
-# The intuitive recipe: draw t uniformly, mask, average the cross-entropy over the masked
-# positions. It trains a fine denoiser, but its number is no likelihood. For one, picture a
+# The intuitive recipe: draw t uniformly, mask, average the cross-entropy over all the batch's
+# masked positions. It trains a fine denoiser, but its number is no likelihood. For one, picture a
 # generator that reveals one character at a time in a random order, paying -log p(x0_i | what is
 # revealed) for each. With k characters hidden it reveals any of them with equal chance, so it
 # pays the mean loss over k masked positions; per character, that mean averaged over k = 1..L.
 # Each order is a proper generator, and by Jensen's inequality (-log of an average <= the average
-# of -log) the average over orders bounds -log p of their mixture: the negative ELBO, NELBO.
+# of -log) the average over orders bounds -log p of their mixture: the negative evidence lower
+# bound, NELBO.
 # Training draws t, not k. About tL characters are masked at time t: sum their losses, divide by
-# tL. That is the 1/t weight, and exactly right: integrating the chance of k masks with weight 1/t,
+# tL. That is the 1/t weight, exactly right for a model that ignores t (for one that uses it, the
+# expectation below is MDLM's definition): the chance of k masks, integrated with weight 1/t, is
 #     integral_0^1 (1/t) C(L,k) t^k (1-t)^(L-k) dt = C(L,k) (k-1)! (L-k)! / L! = 1/k,
 # so  E_t~U(0,1)[ 1/(t L) * sum over masked i of -log p(x0_i | xt) ]  is the NELBO (MDLM eq. 10).
 # MDLM is BERT with a random mask rate and a 1/t weight. That is the whole trick.
@@ -323,7 +325,7 @@ def nelbo_loss(logits, x0, mask, t, weight=None):
 
 # Which t to train on. Uniform t, stratified: one u ~ U(0, 1) shifted by i / B for row i (each t
 # is still uniform; their mean varies far less), kept above EPS.
-# The refinement, importance sampling: any density q(t) may pick the t's, as long as each row is
+# The refinement, importance sampling: any density q(t), a proposal, may pick the t's if each row is
 # weighed by (uniform density) / q(t): the mean is the same integral, only the noise changes.
 # 'cosine' draws u uniform and t = 1 - cos(pi u / 2) (the cosine noise schedule of other papers,
 # seen for what it is: in continuous time the NELBO does not depend on the schedule, so a schedule
@@ -346,7 +348,7 @@ def draw_t(batch_size, generator, device, proposal='uniform'):
     return t, 1 / ((1 - EPS) * q)
 
 # The GPT twin's loss: fed [start] + x0[:-1] (the [MASK] id is the start token), it predicts the
-# same L characters, and its loss is their exact NLL: NELBO / NLL is the price of any order.
+# same L characters, and its loss is their exact NLL: NELBO - NLL is what learning every order costs.
 
 def gpt_input(x0, start_id):
     """(B, T) -> (B, T): the window shifted right by one, the start token in front."""
@@ -356,7 +358,7 @@ def gpt_loss(logits, x0):
     """Mean next-character cross-entropy: exactly -log p(x0) / L, in nats per character."""
     return F.cross_entropy(logits.transpose(1, 2), x0)
 
-if NOTEBOOK:   # demo: untrained, the model guesses uniformly among 65 characters: loss = log 65
+if NOTEBOOK:   # demo: untrained, the model guesses uniformly among 65 characters: loss ~ log 65
     gen = torch.Generator().manual_seed(SEED)
     x0 = get_batch(train_data, 32, config.block_size, gen)
     t, _ = draw_t(32, gen, 'cpu')
@@ -447,10 +449,41 @@ if NOTEBOOK:   # demo: train the tiny model for DEMO_ITERS steps with the defaul
 # semi_ar = n (LLaDA's semi-autoregressive blocks): an outer loop hands the steps only the first
 # n masks of each row, then the next n, and so on, each block a whole schedule of N steps.
 
+@torch.no_grad()
+def generate(model, x, sampler=SamplerConfig(), generator=None, on_step=None):
+    """Fill every [MASK] of x (B, T); on_step(x) sees each step's result. Returns x."""
+    mask_id, N = model.config.vocab_size - 1, sampler.steps
+    x = x.clone()
+    while (x == mask_id).any():                     # one block: all the masks, or the next semi_ar
+        masked = x == mask_id
+        block = masked & (masked.cumsum(1) <= sampler.semi_ar) if sampler.semi_ar else masked   # (B, T)
+        M = block.sum(1)                                               # (B,) masks in the block
+        for i in range(N):                                  # step i: t = 1 - i/N -> s = 1 - (i+1)/N
+            todo = block & (x == mask_id)                              # (B, T) masks still open
+            if not todo.any():
+                break
+            logits = model(x, (x == mask_id).float().mean(1))          # told t = fraction masked
+            tokens, conf = propose(logits, sampler.temperature, sampler.top_p, generator)
+            k = M // N + (i < M % N).long()                            # (B,) how many: confidence, random
+            commit = unmask(sampler.rule, todo, conf, 1 - i / N, 1 - (i + 1) / N, k, generator)
+            x = torch.where(commit, tokens, x)
+            if on_step is not None:
+                on_step(x)
+    return x
+
+def unmask(rule, masked, conf, t, s, k, generator):
+    """Which masks (B, T) to commit on the step from t to s: each with probability (t - s) / t
+    ('ancestral'), or the k[b] surest ('confidence') or k[b] random ('random') of row b."""
+    if rule == 'ancestral':
+        return masked & (torch.rand(masked.shape, generator=generator, device=masked.device) < (t - s) / t)
+    score = conf if rule == 'confidence' else torch.rand(masked.shape, generator=generator, device=masked.device)
+    rank = score.masked_fill(~masked, float('-inf')).argsort(1, descending=True).argsort(1)   # 0 = best
+    return masked & (rank < k[:, None])
+
 def propose(logits, temperature=1.0, top_p=1.0, generator=None):
     """A token per position from softmax(logits / temperature) within the nucleus (the fewest
-    tokens whose probabilities sum to top_p), and its probability there: the confidence (at
-    temperature 1 for temperature 0, which is argmax). Gumbel-max: argmax(logits - log(-log u))
+    tokens whose probabilities sum to top_p), and its probability there: the confidence (for
+    temperature 0, the argmax, its probability at temperature 1). Gumbel-max: argmax(logits - log(-log u))
     is a sample of the softmax; in float64, as float32 noise measurably cools the samples."""
     logits = logits.float() if logits.device.type == 'mps' else logits.double()   # mps has no float64
     if temperature > 0:
@@ -466,37 +499,6 @@ def propose(logits, temperature=1.0, top_p=1.0, generator=None):
         tokens = logits.argmax(-1)
     conf = logits.softmax(-1).gather(-1, tokens[..., None])[..., 0]
     return tokens, conf
-
-def unmask(rule, masked, conf, t, s, k, generator):
-    """Which masks (B, T) to commit on the step from t to s: each with probability (t - s) / t
-    ('ancestral'), or the k[b] surest ('confidence') or k[b] random ('random') of row b."""
-    if rule == 'ancestral':
-        return masked & (torch.rand(masked.shape, generator=generator, device=masked.device) < (t - s) / t)
-    score = conf if rule == 'confidence' else torch.rand(masked.shape, generator=generator, device=masked.device)
-    rank = score.masked_fill(~masked, float('-inf')).argsort(1, descending=True).argsort(1)   # 0 = best
-    return masked & (rank < k[:, None])
-
-@torch.no_grad()
-def generate(model, x, sampler=SamplerConfig(), generator=None, on_step=None):
-    """Fill every [MASK] of x (B, T); on_step(x) sees each step's result. Returns x."""
-    mask_id, N = model.config.vocab_size - 1, sampler.steps
-    x = x.clone()
-    while (x == mask_id).any():                     # one block: all the masks, or the next semi_ar
-        masked = x == mask_id
-        block = masked & (masked.cumsum(1) <= sampler.semi_ar) if sampler.semi_ar else masked   # (B, T)
-        M = block.sum(1)                                               # (B,) masks in the block
-        for i in range(N):                                             # t = 1 - i/N down to 0
-            todo = block & (x == mask_id)                              # (B, T) masks still open
-            if not todo.any():
-                break
-            logits = model(x, (x == mask_id).float().mean(1))          # (B, T, V)
-            tokens, conf = propose(logits, sampler.temperature, sampler.top_p, generator)
-            k = M // N + (i < M % N).long()                            # (B,) commits for counting rules
-            commit = unmask(sampler.rule, todo, conf, 1 - i / N, 1 - (i + 1) / N, k, generator)
-            x = torch.where(commit, tokens, x)
-            if on_step is not None:
-                on_step(x)
-    return x
 
 if NOTEBOOK:   # demo: two lines of text out of pure noise, with the default sampler
     out = generate(model, torch.full((2, config.block_size), tok.mask_id), generator=gen)
@@ -546,7 +548,7 @@ if NOTEBOOK:   # demo: continue a prompt; fill a blank from both sides
     print('\n'.join(tok.decode(row.tolist()) for row in out))
 
 # %% 9. Evaluation ---------------------------------------------------------------------------------
-# An honest likelihood: on held-out text, the same windows and masks every time, low noise.
+# An honest likelihood: on held-out text, the same windows and masks every time, low variance.
 # Training's estimator (random t, Bernoulli masks) is unbiased but noisy. Here the mask count k
 # is drawn directly (section 5: the NELBO averages the mean masked loss over k = 1..L): exactly k
 # of the L positions masked, k spread evenly over 1..L across the batch, weighed by 1/k (LLaDA's
