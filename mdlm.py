@@ -1,24 +1,15 @@
 """
 mdlm.py: a Masked Diffusion Language Model, from scratch, in one file.
 
-A GPT writes text left to right, one character per forward pass. A masked diffusion LM starts
-from a line made only of [MASK] and, over as many passes as one asks, replaces masks with characters
-anywhere in the line, each pass seeing the whole line in both directions. Training is BERT's
-masked-token prediction with one change: the fraction of masked tokens is drawn fresh for every
-sequence, from 0 to 1, and the losses are weighted so that their sum is an upper bound on the
-negative log-likelihood (MDLM, Sahoo et al. 2024; LLaDA, Nie et al. 2025).
+A GPT writes text left to right, one character per forward pass. A masked diffusion LM starts from
+a line of [MASK] and, over as many passes as one asks, replaces masks with characters anywhere in
+the line, each pass seeing the whole line both ways. Training is BERT's masked-token prediction
+with the fraction masked drawn fresh for every sequence, from 0 to 1, and the losses weighted so
+that their sum bounds the negative log-likelihood (MDLM, Sahoo et al. 2024; LLaDA, Nie et al. 2025).
 
-Sections 1-9 are the lesson, read top to bottom; they end at a marked line, and nothing above it
-uses anything below it. Below it is the harness: device, checkpoints, the training run, the
-command line. Each section is a `# %%` cell: opened as a notebook, the `if NOTEBOOK:` demos run.
-
-    python mdlm.py --train                    # CPU: the 'tiny' preset, under 450 s on 2 cores
-    python mdlm.py --train --gpt              # its GPT twin, same shape and steps, into out-gpt/
-    python mdlm.py --sample --show            # watch text come out of pure [MASK] noise
-    python mdlm.py --complete "ROMEO:"        # prompt completion
-    python mdlm.py --infill "To [___] or not to [___]"
-    python mdlm.py --eval                     # the likelihood bound on held-out text
-    torchrun --standalone --nproc_per_node=8 mdlm.py --train    # GPUs: the 'base' preset, batch per GPU
+Sections 1-9 are the lesson, each a `# %%` cell (a notebook runs their `if NOTEBOOK:` demos);
+nothing in them uses the harness below the marked line. python mdlm.py --train, then --sample,
+--complete "ROMEO:", --infill "To [___] or not to [___]", --eval; --help says the rest.
 """
 
 import contextlib
@@ -53,13 +44,13 @@ class ModelConfig:
 PRESETS = {
     'base': dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, use_time=True,
                  batch_size=64, max_iters=5000, lr=1e-3, eval_interval=250, eval_iters=50),
-    'tiny': dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, use_time=False,
-                 batch_size=32, max_iters=5400, lr=2e-3, eval_interval=500, eval_iters=20),
+    'tiny': dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, use_time=True,
+                 batch_size=32, max_iters=4700, lr=3e-3, eval_interval=500, eval_iters=20),
 }
 # Shared: the learning rate warms up over warmup_iters, stays at lr, then falls linearly to min_lr
-# over the last 20% of the steps; weight_decay is AdamW's, on matrices. Section 5 explains
-# t_proposal ('uniform', or 'cosine': more small t) and loss ('nelbo', the bound; or 'naive').
-RECIPE = dict(min_lr=1e-4, warmup_iters=100, weight_decay=0.1, t_proposal='cosine', loss='nelbo')
+# over the last 20% of the steps; weight_decay is on matrices. Section 5 explains t_proposal ('uniform'
+# or 'cosine') and loss ('nelbo' or 'naive'), section 6 the optimizer ('muon' or 'adamw').
+RECIPE = dict(min_lr=1e-4, warmup_iters=100, weight_decay=0.1, t_proposal='cosine', loss='nelbo', optimizer='muon')
 
 @dataclass
 class SamplerConfig:         # section 7 explains each
@@ -109,8 +100,7 @@ def split_data(text, tok, block_size):
     n = int(0.9 * len(data))
     train_data, val_data = data[:n], data[n:]
     if len(val_data) < block_size + 1:
-        raise CliError(f'the data has {len(data)} characters: too few for block_size {block_size} '
-                       f'(each split needs at least {block_size + 1})')
+        raise CliError(f'{len(data)} characters are too few for block_size {block_size}: each split needs {block_size + 1}')
     return train_data, val_data
 
 def get_batch(data, batch_size, block_size, generator):
@@ -139,15 +129,11 @@ def forward_mask(x0, t, mask_id, generator=None):
     return x0.masked_fill(mask, mask_id), mask
 
 def show_noise(text, tok, seed=0):
-    """One line at t = 0, 0.25, 0.5, 0.75, 1. With a quarter of its characters gone a line is
-    still easy to read; at half, a reader can still guess most words."""
+    """One line at t = 0, 0.25, 0.5, 0.75, 1: at a quarter masked it reads easily, at half it can be guessed."""
     x0 = torch.tensor([tok.encode(text)])
-    u = torch.rand(x0.shape, generator=torch.Generator().manual_seed(seed))   # one draw for every t:
-    lines = []                                    # a character masked at t stays masked at every later t
-    for t in [0.0, 0.25, 0.5, 0.75, 1.0]:
-        xt = x0.masked_fill(u < t, tok.mask_id)   # forward_mask's rule, u < t
-        lines.append(f't={t:.2f}  {tok.decode(xt[0].tolist())}')
-    return '\n'.join(lines)
+    u = torch.rand(x0.shape, generator=torch.Generator().manual_seed(seed))   # one draw for all t: a char
+    return '\n'.join(f't={t:.2f}  {tok.decode(x0.masked_fill(u < t, tok.mask_id)[0].tolist())}'  # masked at t
+                     for t in (0.0, 0.25, 0.5, 0.75, 1.0))                  # stays masked at every later t
 
 if NOTEBOOK:   # demo: one line of the play, destroyed a little more at each t
     print(show_noise('First Citizen: Before we proceed any further, hear me speak.', tok))
@@ -163,12 +149,6 @@ if NOTEBOOK:   # demo: one line of the play, destroyed a little more at each t
 #
 # Positions are rotary embeddings (RoPE, as in LLaMA and MDLM): each query and key is rotated by
 # an angle proportional to its position, so a score depends on how far apart two characters are.
-
-def rope_tables(block_size, head_dim, base=10000.0):
-    """cos and sin of position * frequency, (T, head_dim / 2): one rotation angle per pair."""
-    freqs = base ** (-torch.arange(0, head_dim, 2).float() / head_dim)
-    angles = torch.outer(torch.arange(block_size).float(), freqs)
-    return angles.cos(), angles.sin()
 
 def apply_rope(x, cos, sin):
     """Rotate each pair of channels (j, j + hs/2) of x (B, nh, T, hs) by its position's angle."""
@@ -205,7 +185,7 @@ class SelfAttention(nn.Module):
 # adaLN, "adaptive LayerNorm" (DiT, the diffusion transformer): each block turns t's embedding
 # into a shift and a scale of its LayerNorms' outputs, h = LN(x) * (1 + scale(t)) + shift(t),
 # from a layer that starts at zero (DiT's adaLN-Zero, without its gates): at step 0 t does nothing.
-# Is t needed? The fraction of masks in the input is close to t; the tiny preset goes without.
+# Is t needed? The fraction masked in the input is close to t: without it, the model learns as much.
 
 TIME_DIM = 128   # width of the time embedding that feeds every block's adaLN
 
@@ -247,19 +227,17 @@ class MDLM(nn.Module):
         self.ln_f = nn.LayerNorm(C)
         self.head = nn.Linear(C, config.vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight    # weight tying: reading and writing a char share a vector
-        cos, sin = rope_tables(config.block_size, C // config.n_head)
-        self.register_buffer('rope_cos', cos, persistent=False)   # not saved: derived
-        self.register_buffer('rope_sin', sin, persistent=False)
+        hs = C // config.n_head                   # RoPE: one angle per pair of channels and position
+        angles = torch.outer(torch.arange(config.block_size).float(), 10000.0 ** (-torch.arange(0, hs, 2).float() / hs))
+        self.register_buffer('rope_cos', angles.cos(), persistent=False)   # (T, hs/2); not saved: derived
+        self.register_buffer('rope_sin', angles.sin(), persistent=False)
         # init as GPT-2: N(0, 0.02), residual projections scaled down by depth; adaLN at zero
         for name, p in self.named_parameters():
             if p.dim() == 2:
                 std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith(('proj.weight', 'mlp.2.weight')) else 0.02
                 nn.init.normal_(p, std=std)
-            elif name.endswith('.bias'):
+            if name.endswith('.bias') or '.ada.' in name:
                 nn.init.zeros_(p)
-        for block in self.blocks:
-            if block.ada is not None:
-                nn.init.zeros_(block.ada.weight)
 
     def time_embedding(self, t):
         """Sinusoids of t (B,) at geometric frequencies, then an MLP: (B, TIME_DIM)."""
@@ -277,8 +255,7 @@ class MDLM(nn.Module):
         for block in self.blocks:
             x = block(x, cond, rope)
         logits = self.head(self.ln_f(x))                                           # (B, T, V)
-        # SUBS: the clean text never contains [MASK], so the model may not predict it. With
-        # [MASK] out of the softmax, an untrained model's loss is log(V - 1) = log 65, not log 66.
+        # SUBS: clean text has no [MASK], so it is never predicted: an untrained model's loss is log 65
         return logits.float().index_fill(-1, torch.tensor([self.config.vocab_size - 1], device=xt.device),
                                          float('-inf'))
 
@@ -286,9 +263,8 @@ class MDLM(nn.Module):
         return sum(p.numel() for p in self.parameters())   # tied weights are counted once
 
 if NOTEBOOK:   # demo: the tiny preset's model, untrained
-    shape = {k: PRESETS['tiny'][k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'dropout', 'use_time')}
-    config = ModelConfig(vocab_size=tok.vocab_size, **shape)
     torch.manual_seed(SEED)
+    config = ModelConfig(tok.vocab_size, **{k: v for k, v in PRESETS['tiny'].items() if hasattr(ModelConfig, k)})
     model = MDLM(config)
     print(f'{model.num_params() / 1e6:.2f}M parameters, {config}')
 
@@ -311,11 +287,6 @@ if NOTEBOOK:   # demo: the tiny preset's model, untrained
 def masked_ce(logits, x0, mask):
     """Cross-entropy at the masked positions only: (B, T) with zeros elsewhere."""
     return F.cross_entropy(logits.transpose(1, 2), x0, reduction='none') * mask
-
-def pooled_ce(logits, x0, mask):
-    """Masked CE averaged over every masked position of the batch: the intuitive denoising loss.
-    Not a bound: it weighs every masked character alike, so rows at large t count most."""
-    return masked_ce(logits, x0, mask).sum() / mask.sum().clamp(min=1)
 
 def nelbo_loss(logits, x0, mask, t, weight=None):
     """The training loss: the NELBO above, averaged over the batch, in nats per character.
@@ -348,15 +319,12 @@ def draw_t(batch_size, generator, device, proposal='uniform'):
     return t, 1 / ((1 - EPS) * q)
 
 # The GPT twin's loss: fed [start] + x0[:-1] (the [MASK] id is the start token), it predicts the
-# same L characters, and its loss is their exact NLL: NELBO - NLL is what learning every order costs.
+# same L characters; the mean cross-entropy is their exact NLL, -log p(x0) / L (section 6). So
+# NELBO - NLL is what learning every order, not one, costs.
 
 def gpt_input(x0, start_id):
     """(B, T) -> (B, T): the window shifted right by one, the start token in front."""
     return torch.cat([torch.full_like(x0[:, :1], start_id), x0[:, :-1]], 1)
-
-def gpt_loss(logits, x0):
-    """Mean next-character cross-entropy: exactly -log p(x0) / L, in nats per character."""
-    return F.cross_entropy(logits.transpose(1, 2), x0)
 
 if NOTEBOOK:   # demo: untrained, the model guesses uniformly among 65 characters: loss ~ log 65
     gen = torch.Generator().manual_seed(SEED)
@@ -366,8 +334,7 @@ if NOTEBOOK:   # demo: untrained, the model guesses uniformly among 65 character
     print(f'NELBO {nelbo_loss(model(xt, t), x0, mask, t).item():.3f}, log 65 = {math.log(65):.3f}')
 
 # %% 6. One training step --------------------------------------------------------------------------
-# A step: draw the batch and its noise, forward, loss, backward, clip, update (AdamW). The
-# logged, checkpointed run around it is the harness's train().
+# Draw the batch and its noise, forward, loss, backward, clip, update; the harness's train() loops.
 
 def get_lr(it, lr, min_lr, warmup_iters, max_iters):
     """The learning rate at step `it`: warmup, stable, then a linear decay over the last 20%."""
@@ -378,8 +345,7 @@ def get_lr(it, lr, min_lr, warmup_iters, max_iters):
     return lr - frac * (lr - min_lr)                             # 3) linear decay to min_lr
 
 def training_batch(data, batch_size, block_size, mask_id, generator, causal, proposal='uniform'):
-    """One step's rows: (x0, xt, mask, t, weight). A GPT's input is x0 shifted (mask, t and weight
-    are None); a diffusion model's is x0 masked at a t drawn from `proposal`."""
+    """(x0, xt, mask, t, weight): x0 masked at a t from `proposal`, or for a GPT x0 shifted (and Nones)."""
     x0 = get_batch(data, batch_size, block_size, generator)
     if causal:
         return x0, gpt_input(x0, mask_id), None, None, None
@@ -388,40 +354,77 @@ def training_batch(data, batch_size, block_size, mask_id, generator, causal, pro
     return x0, xt, mask, t, w
 
 def batch_loss(model, x0, xt, mask, t, w, objective='nelbo'):
-    """The loss of a training_batch: the GPT's NLL, the NELBO, or (objective='naive') the pooled
-    masked CE of the first recipe, without the 1/t and importance weights."""
+    """A training_batch's loss: the GPT's NLL, the NELBO, or the pooled masked CE (objective='naive')."""
     logits = model(xt, t)
-    if mask is None:
-        return gpt_loss(logits, x0)
-    return pooled_ce(logits, x0, mask) if objective == 'naive' else nelbo_loss(logits, x0, mask, t, w)
+    if mask is None:                                               # the GPT: exactly -log p(x0) / L
+        return F.cross_entropy(logits.transpose(1, 2), x0)
+    if objective == 'naive':     # the intuitive loss, pooled over the batch's masks: every masked char alike
+        return masked_ce(logits, x0, mask).sum() / mask.sum().clamp(min=1)
+    return nelbo_loss(logits, x0, mask, t, w)
 
-def make_optimizer(model, lr, weight_decay, fused=False):
-    """AdamW with weight decay on the matrices only (not on LayerNorm gains and biases)."""
-    return torch.optim.AdamW(
-        [{'params': [p for p in model.parameters() if p.dim() >= 2], 'weight_decay': weight_decay},
-         {'params': [p for p in model.parameters() if p.dim() < 2], 'weight_decay': 0.0}],
-        lr=lr, betas=(0.9, 0.99), fused=fused)
+# The update. AdamW scales each weight's step by its own gradient history. Muon (K. Jordan, 2024)
+# treats a matrix as a whole: it replaces the gradient's momentum by the nearest orthogonal matrix,
+# so the step moves every direction the matrix maps equally, not mostly the few where the gradient
+# is large. Five Newton-Schulz steps (matmuls only) push the singular values near 1; scaled by
+# 0.2 sqrt(max(rows, cols)) the step has AdamW's typical size, so one lr serves both. Muon takes
+# the blocks' matrices; AdamW the rest: the embedding (also the output head: a table of vectors,
+# not a map between features), the time input, gains and biases.
 
-def train_step(model, optimizer, batch, lr, objective='nelbo', autocast=contextlib.nullcontext):
-    """One optimisation step on a training_batch; returns its loss, detached.
-    autocast: the context the forward pass runs in (bfloat16 where the hardware has it)."""
-    for group in optimizer.param_groups:                           # 1) this step's learning rate
+def orthogonalize(G, steps=5, dtype=torch.float32):
+    """About U V^T for G = U S V^T: Muon's quintic Newton-Schulz iteration, in `dtype`."""
+    X = (G / (G.norm() + 1e-7)).to(dtype)        # every singular value now <= 1
+    if G.size(0) > G.size(1):
+        X = X.T                                  # iterate on the wide side: X X^T is the small one
+    for _ in range(steps):
+        A = X @ X.T
+        X = 3.4445 * X + (-4.7750 * A + 2.0315 * A @ A) @ X
+    return (X.T if G.size(0) > G.size(1) else X).to(G.dtype)
+
+class Muon(torch.optim.Optimizer):
+    def __init__(self, params, lr, weight_decay, momentum=0.95, ns_dtype=torch.float32):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum))
+        self.ns_dtype = ns_dtype                 # bfloat16 where the hardware has it (the harness picks)
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, mu = group['lr'], group['momentum']
+            for p in group['params']:
+                buf = self.state[p].setdefault('momentum_buffer', torch.zeros_like(p))
+                buf.mul_(mu).add_(p.grad)                                        # B = mu B + G
+                O = orthogonalize(p.grad + mu * buf, dtype=self.ns_dtype)         # Nesterov: G + mu B
+                p.mul_(1 - lr * group['weight_decay']).add_(O, alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
+
+def make_optimizers(model, lr, weight_decay, kind='muon', ns_dtype=torch.float32, fused=False):
+    """[Muon on the blocks' matrices, AdamW on the rest] or [AdamW on all]; decay on matrices only."""
+    muon = [p for n, p in model.named_parameters() if kind == 'muon' and n.startswith('blocks.') and
+            '.ada.' not in n and p.dim() == 2]
+    rest = [p for p in model.parameters() if all(p is not q for q in muon)]
+    adamw = torch.optim.AdamW([{'params': [p for p in rest if p.dim() >= 2], 'weight_decay': weight_decay},
+                               {'params': [p for p in rest if p.dim() < 2], 'weight_decay': 0.0}],
+                              lr=lr, betas=(0.9, 0.99), fused=fused)
+    return ([Muon(muon, lr, weight_decay, ns_dtype=ns_dtype)] if muon else []) + [adamw]
+
+def train_step(model, optimizers, batch, lr, objective='nelbo', autocast=contextlib.nullcontext):
+    """One step on a training_batch, the forward pass in `autocast`; returns the loss, detached."""
+    for group in (g for opt in optimizers for g in opt.param_groups):   # 1) this step's learning rate
         group['lr'] = lr
     with autocast():
         loss = batch_loss(model, *batch, objective)                # 2) forward and loss
     loss.backward()                                                # 3) backward
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)        # 4) clip, update, clear
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
     return loss.detach()
 
 if NOTEBOOK:   # demo: train the tiny model for DEMO_ITERS steps with the default recipe
     hp = {**RECIPE, **PRESETS['tiny']}
-    optimizer = make_optimizer(model, hp['lr'], hp['weight_decay'])
+    optimizers = make_optimizers(model, hp['lr'], hp['weight_decay'], hp['optimizer'])
     model.train()
     for it in range(DEMO_ITERS):
         batch = training_batch(train_data, hp['batch_size'], config.block_size, tok.mask_id, gen, False, hp['t_proposal'])
-        loss = train_step(model, optimizer, batch, get_lr(it, hp['lr'], hp['min_lr'], hp['warmup_iters'], DEMO_ITERS))
+        loss = train_step(model, optimizers, batch, get_lr(it, hp['lr'], hp['min_lr'], hp['warmup_iters'], DEMO_ITERS))
         if it % 100 == 0 or it == DEMO_ITERS - 1:
             print(f'step {it} | loss {loss.item():.4f}')
     model.eval()
@@ -435,11 +438,9 @@ if NOTEBOOK:   # demo: train the tiny model for DEMO_ITERS steps with the defaul
 #   3) commit each proposal with probability (t - s) / t; the other masks stay masked.
 # That is MDLM's ancestral sampler; its last step (s = 0) commits all. Characters given in the
 # input are never touched, so one loop samples, completes (a prompt, then masks) and fills blanks.
-#
-# The model is told t = the fraction of its input that is masked, not the schedule's t: with a
-# prompt, or in blocks (below), the schedule counts down over the masks still to write, while the
-# model learned with t the mask rate of the whole row, which the fraction masked measures.
-#
+# The model is told t = the fraction of its input masked, not the schedule's t: with a prompt, or in
+# blocks (below), the schedule counts down over the masks still to write, while the model learned
+# with t the mask rate of the whole row, which the fraction masked measures.
 # Which proposals to commit is the rule, a parameter of the loop:
 #   'ancestral'   the reverse process above, exactly;
 #   'confidence'  commit the k proposals the model is surest of (MaskGIT, LLaDA), k per step
@@ -509,9 +510,8 @@ if NOTEBOOK:   # demo: two lines of text out of pure noise, with the default sam
 # the blanks, text on both sides, which a GPT cannot use (it never sees the right side).
 
 def generate_text(model, prefix, length, num_samples, sampler=SamplerConfig(), generator=None, on_step=None):
-    """`length` new tokens after `prefix` (a list of ids), in num_samples rows: (B, P + length).
-    Window by window: the first keeps as much of the prompt as fits; each later one keeps half a
-    context of the text so far and writes the next half."""
+    """`length` new tokens after `prefix` (ids) in num_samples rows, window by window: the first keeps
+    as much of the prompt as fits, each later one half a context of the text, and writes the rest."""
     T, mask_id = model.config.block_size, model.config.vocab_size - 1
     device = next(model.parameters()).device
     out = torch.tensor(prefix, dtype=torch.long, device=device).repeat(num_samples, 1)   # (B, P)
@@ -577,10 +577,9 @@ def nll_per_seq(model, x0):
 
 @torch.no_grad()
 def estimate_loss(model, data, n_batches, batch_size, seed=EVAL_SEED):
-    """Loss in nats/char and its standard error over n_batches seeded batches: the NELBO bound of a
-    diffusion model, the GPT's exact NLL. Windows and masks have generators of their own: every
-    call, either kind, scores the same ones. A batch shares one stratified draw, so the error
-    comes from whole batches."""
+    """Nats/char and standard error over n_batches seeded batches: the NELBO bound, or a GPT's exact
+    NLL. Windows and masks have generators of their own: every call, either kind, scores the same
+    ones. A batch shares one stratified draw, so the error comes from whole batches."""
     was_training = model.training
     model.eval()
     windows = torch.Generator(device=data.device).manual_seed(seed)
@@ -621,7 +620,7 @@ from dataclasses import asdict, fields
 DATA_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 DATA_SHA256 = '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'
 EVAL_BATCHES = 100      # --eval averages this many batches; the training log, the first eval_iters of them
-TINY_FP32_ITERS = 2700  # the tiny preset's steps where bf16 is not native: 450 s in float32 on 2 cores
+TINY_FP32_ITERS = 2000  # the tiny preset's steps where bf16 is not native: float32 steps cost more
 
 def download_data(path, url=DATA_URL, sha256=DATA_SHA256, opener=urllib.request.urlopen):
     """Fetch Tiny Shakespeare, check its sha256, and write it atomically (never a partial file)."""
@@ -766,6 +765,8 @@ def resume_config(ckpt, args):
                            f'the checkpoint was trained with {saved[name]}')
     changed = []
     for name in TRAIN_FLAGS:
+        if name not in ckpt['args']:
+            raise CliError(f'the checkpoint predates the setting {name}: train it again')
         if name not in args.explicit:
             setattr(args, name, ckpt['args'][name])
         elif getattr(args, name) != ckpt['args'][name]:
@@ -782,7 +783,12 @@ def resume_config(ckpt, args):
 
 def restore_state(ckpt, run, args):
     run.model.load_state_dict(ckpt['model'])
-    run.optimizer.load_state_dict(ckpt['optimizer'])
+    try:
+        assert len(ckpt['optimizer']) == len(run.optimizers)
+        for opt, state in zip(run.optimizers, ckpt['optimizer']):
+            opt.load_state_dict(state)
+    except (AssertionError, TypeError, ValueError, KeyError):
+        raise CliError(f'the checkpoint\'s optimizer state does not fit its optimizer, {args.optimizer}')
     try:
         run.gen.set_state(ckpt['rng']['gen'])
         torch.set_rng_state(ckpt['rng']['torch'])
@@ -872,7 +878,9 @@ def start_run(args):
     # batch and noise and keeps its slice, so N ranks see exactly one process's N-times larger batch
     torch.manual_seed(args.seed + rank)      # dropout differs per rank; data and noise do not
     run.model = MDLM(config).to(device)      # what gets saved: never the compiled or DDP-wrapped one
-    run.optimizer = make_optimizer(run.model, args.lr, args.weight_decay, fused=device.startswith('cuda'))
+    ns_dtype = torch.bfloat16 if uses_bf16(device, args.dtype) else torch.float32   # Muon's Newton-Schulz
+    run.optimizers = make_optimizers(run.model, args.lr, args.weight_decay, args.optimizer, ns_dtype,
+                                     fused=device.startswith('cuda'))
     run.gen = torch.Generator(device=device).manual_seed(args.seed)
     if ckpt:
         restore_state(ckpt, run, args)
@@ -905,7 +913,7 @@ def save_run(run, args):
         os.makedirs(args.out_dir, exist_ok=True)
         save_checkpoint(run.ckpt_path, {
             'format': FORMAT, 'kind': 'gpt' if run.config.causal else 'diffusion', 'model': run.model.state_dict(),
-            'optimizer': run.optimizer.state_dict(), 'config': asdict(run.config), 'vocab': run.tok.itos,
+            'optimizer': [opt.state_dict() for opt in run.optimizers], 'config': asdict(run.config), 'vocab': run.tok.itos,
             'iter': run.it, 'best_val': run.best_val,
             'args': {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
             'rng': {'gen': run.gen.get_state(), 'torch': torch.get_rng_state(),
@@ -954,7 +962,7 @@ def train(args):
                                    args.t_proposal)
             batch = tuple(a if a is None else a[rank * B:(rank + 1) * B] for a in batch)
             lr = get_lr(run.it, args.lr, args.min_lr, args.warmup_iters, args.max_iters)
-            loss = train_step(run.step_model, run.optimizer, batch, lr, args.loss, run.autocast)
+            loss = train_step(run.step_model, run.optimizers, batch, lr, args.loss, run.autocast)
             run.it += 1
             log_every = max(1, args.eval_interval // 5)
             if run.it % log_every == 0 or run.it == args.max_iters:   # the only host sync in the loop

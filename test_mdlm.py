@@ -301,7 +301,7 @@ def test_untrained_loss_is_about_log_65(text, tok):
     with torch.no_grad():
         logits = model(xt, t)
         nelbo = mdlm.nelbo_loss(logits, x0, mask, t).item()
-        naive = mdlm.pooled_ce(logits, x0, mask).item()
+        naive = mdlm.batch_loss(model, x0, xt, mask, t, None, 'naive').item()
     assert abs(naive - math.log(65)) < 0.1, naive
     assert abs(nelbo - math.log(65)) < 0.15, nelbo
     est, _ = mdlm.estimate_loss(model, data, 4, 32)
@@ -391,7 +391,7 @@ def test_train_step_sets_lr_updates_and_clears(text, tok):
     model = tiny_model().train()
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    loss = mdlm.train_step(model, opt, batch, 0.5)
+    loss = mdlm.train_step(model, [opt], batch, 0.5)
     assert opt.param_groups[0]['lr'] == 0.5, 'the step sets its learning rate'
     assert all(p.grad is None for p in model.parameters()), 'gradients cleared after the update'
     assert not loss.requires_grad and loss.item() == pytest.approx(mdlm.batch_loss(tiny_model().train(), *batch).item())
@@ -403,12 +403,47 @@ def test_train_step_is_about_ten_lines():
             and not line.strip().startswith('#') and not line.startswith('    autocast')]
     assert len(body) <= 10, f'train_step has {len(body)} code lines'
 
-def test_optimizer_decays_matrices_only():
-    model = tiny_model()
-    decay, no_decay = mdlm.make_optimizer(model, 1e-3, 0.1).param_groups
-    assert decay['weight_decay'] == 0.1 and all(p.dim() == 2 for p in decay['params'])
-    assert no_decay['weight_decay'] == 0.0 and all(p.dim() == 1 for p in no_decay['params'])
-    assert len(decay['params']) + len(no_decay['params']) == len(list(model.parameters()))
+def test_optimizer_split_muon_on_block_matrices_adamw_on_the_rest():
+    model = tiny_model(use_time=True)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon, adamw = mdlm.make_optimizers(model, 1e-3, 0.1, 'muon')
+    assert isinstance(muon, mdlm.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert sorted({names[id(p)].split('.', 2)[2] for p in muon.param_groups[0]['params']}) == \
+        ['attn.proj.weight', 'attn.qkv.weight', 'mlp.0.weight', 'mlp.2.weight']
+    decay, no_decay = adamw.param_groups
+    assert sorted(names[id(p)] for p in decay['params']) == \
+        ['blocks.0.ada.weight', 'blocks.1.ada.weight', 'time_mlp.0.weight', 'time_mlp.2.weight', 'tok_emb.weight'], \
+        'the embedding (= the tied head) and the time input stay on AdamW'
+    assert decay['weight_decay'] == 0.1 and no_decay['weight_decay'] == 0.0 and all(p.dim() == 1 for p in no_decay['params'])
+    assert sum(len(g['params']) for o in (muon, adamw) for g in o.param_groups) == len(list(model.parameters()))
+    only, = mdlm.make_optimizers(model, 1e-3, 0.1, 'adamw')
+    assert sum(len(g['params']) for g in only.param_groups) == len(list(model.parameters()))
+
+def test_orthogonalize_pushes_singular_values_into_a_band():
+    G = torch.randn(48, 16, generator=torch.Generator().manual_seed(0)) @ torch.diag(torch.logspace(-1, 1, 16))
+    S = torch.linalg.svdvals(mdlm.orthogonalize(G))
+    assert torch.linalg.svdvals(G).max() / torch.linalg.svdvals(G).min() > 50, 'the input is far from orthogonal'
+    assert 0.6 < S.min() and S.max() < 1.25, S
+    assert (S - 1).abs().max() > 0.01, 'approximate, not exact: the iteration trades exactness for steps'
+    assert mdlm.orthogonalize(G.T).shape == (16, 48)
+
+@pytest.mark.parametrize('ns_dtype,tolerance', [(torch.float32, 0.02), (torch.bfloat16, 0.05)])
+def test_muon_steps_match_torch_optim_muon(ns_dtype, tolerance):
+    """Two steps on a 24 x 40 matrix against PyTorch's Muon (new in 2.9; Nesterov, match_rms_adamw),
+    which runs Newton-Schulz in bfloat16: the same update within bf16's precision."""
+    w0 = torch.randn(24, 40, generator=torch.Generator().manual_seed(0))
+    grads = [torch.randn(24, 40, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    ws = []
+    for make in (lambda p: mdlm.Muon([p], lr=0.05, weight_decay=0.1, ns_dtype=ns_dtype),
+                 lambda p: torch.optim.Muon([p], lr=0.05, weight_decay=0.1, adjust_lr_fn='match_rms_adamw')):
+        p = torch.nn.Parameter(w0.clone())
+        opt = make(p)
+        for grad in grads:
+            p.grad = grad.clone()
+            opt.step()
+        ws.append(p.detach())
+    step = (ws[1] - w0).norm()
+    assert (ws[0] - ws[1]).norm() < tolerance * step, ((ws[0] - ws[1]).norm(), step)
 
 def test_loss_naive_is_the_pooled_masked_ce(text, tok):
     data = torch.tensor(tok.encode(text[:10000]))
@@ -800,10 +835,25 @@ def test_resume_keeps_the_saved_training_settings_and_reports_changes(trained, t
     finally:
         mdlm.training_batch = real
     err = capsys.readouterr().err
-    assert 'resuming from' in err and 'max_iters: 40 -> 42' in err and 'lr: 0.002 -> 0.001' in err, err
+    assert 'resuming from' in err and 'max_iters: 40 -> 42' in err and 'lr: 0.003 -> 0.001' in err, err
     assert 'batch_size' not in err, 'settings not given again keep their saved values'
     saved = torch.load(out / 'ckpt.pt', weights_only=True)
     assert saved['iter'] == 42 and saved['args']['batch_size'] == 8 and seen['proposal'] == 'uniform'
+
+def test_resume_keeps_the_optimizer_it_was_trained_with_and_refuses_a_state_that_does_not_fit(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(mdlm.RECIPE, 'optimizer', 'adamw')          # a run of the earlier recipe
+    assert mdlm.main(['--train', '--max-iters', '2', '--eval-interval', '2', '--out-dir', str(tmp_path), *TINY]) == 0
+    monkeypatch.setitem(mdlm.RECIPE, 'optimizer', 'muon')           # today's default
+    assert mdlm.main(['--train', '--resume', '--max-iters', '4', '--eval-interval', '2', '--out-dir', str(tmp_path),
+                      '--device', 'cpu']) == 0
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert ckpt['args']['optimizer'] == 'adamw' and len(ckpt['optimizer']) == 1 and ckpt['iter'] == 4
+    ckpt['args']['optimizer'] = 'muon'                              # a state that is not Muon's
+    torch.save(ckpt, tmp_path / 'ckpt.pt')
+    capsys.readouterr()
+    assert mdlm.main(['--train', '--resume', '--max-iters', '6', '--out-dir', str(tmp_path), '--device', 'cpu']) == 1
+    assert "optimizer state does not fit its optimizer, muon" in capsys.readouterr().err
+    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['iter'] == 4, 'the checkpoint is untouched'
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     rc = mdlm.main(['--train', '--max-iters', '30', '--eval-interval', '5', '--lr', '1e30',
@@ -831,7 +881,8 @@ def test_auto_preset_picks_steps_and_compile_by_capability(monkeypatch):
         return mdlm.resolve(args, device), args
     preset, args = resolved(True)
     assert preset == 'tiny' and args.max_iters == mdlm.PRESETS['tiny']['max_iters']
-    assert args.t_proposal == 'cosine' and args.use_time is False and args.lr == 2e-3 and args.min_lr == 1e-4
+    assert args.t_proposal == 'cosine' and args.use_time is True and args.lr == 3e-3 and args.min_lr == 1e-4
+    assert args.optimizer == 'muon'
     _, args = resolved(False)
     assert args.max_iters == mdlm.TINY_FP32_ITERS < mdlm.PRESETS['tiny']['max_iters']
     _, args = resolved(False, 'cpu', '--max-iters', '7')
@@ -924,7 +975,7 @@ def test_malicious_pickle_never_runs(tmp_path):
     assert not marker.exists(), 'the payload ran'
 
 @pytest.mark.parametrize('content,needle', [(None, 'no data file'), (b'', 'empty'),
-                                            (b'\xff\xfe\x00bad', 'not UTF-8'), (b'abc\n' * 5, 'too few')])
+                                            (b'\xff\xfe\x00bad', 'not UTF-8'), (b'abc\n' * 5, 'too few for block_size')])
 def test_bad_data_files(tmp_path, capsys, content, needle):
     path = tmp_path / 'data.txt'
     if content is not None:
@@ -1069,7 +1120,7 @@ def test_judge_prefers_real_text_to_shuffled(text, tok):
     opt = torch.optim.AdamW(gpt.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     for _ in range(60):
-        mdlm.train_step(gpt, opt, mdlm.training_batch(data, 32, 32, MASK, g, True), 3e-3)
+        mdlm.train_step(gpt, [opt], mdlm.training_batch(data, 32, 32, MASK, g, True), 3e-3)
     gpt.eval()
     real = mdlm.get_batch(data, 8, 64, g)
     shuffled = real[:, torch.randperm(64, generator=g)]
@@ -1162,7 +1213,7 @@ def test_bf16_training_step_and_sampling_on_cpu(text, tok, monkeypatch):
     batch = mdlm.training_batch(data, 16, 32, MASK, torch.Generator().manual_seed(0), False)
     model = tiny_model().train()
     ref = mdlm.batch_loss(model, *batch).item()
-    loss = mdlm.train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), batch, 0.0, autocast=mdlm.autocast_for('cpu'))
+    loss = mdlm.train_step(model, [torch.optim.SGD(model.parameters(), lr=0.0)], batch, 0.0, autocast=mdlm.autocast_for('cpu'))
     assert abs(loss.item() - ref) < 0.01 and loss.dtype == torch.float32, (loss.item(), ref)
     with mdlm.autocast_for('cpu')():
         out = mdlm.generate(model.eval(), torch.full((2, 32), MASK), sampler(steps=4), torch.Generator().manual_seed(0))

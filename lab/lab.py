@@ -10,12 +10,15 @@ nothing to it. Run from the project root, after `python mdlm.py --train` and `--
     python lab/lab.py --plot out out-gpt --png pictures/training.png
     python lab/lab.py --noise-levels --png pictures/noise-levels.png
     python lab/lab.py --frames --seed 0 --png pictures/frames-confidence.png
+    python lab/lab.py --recipe optimizer=adamw -- --train --max-iters 2000 --out-dir runs/adamw
 
-The ablations (a lever at a time, same seed and budget) are runs of `python mdlm.py --train` with
-flags; lab/README.md gives each with its figure and the commit that measured it.
+The ablations (a lever at a time, same seed and budget) are runs of `python mdlm.py --train`, with
+its flags or, for a setting of the config cell that has no flag, `--recipe KEY=VALUE ... --`
+before them; lab/README.md gives each with its figure and the commit that measured it.
 """
 
 import argparse
+import ast
 import math
 import os
 import re
@@ -163,6 +166,20 @@ def run_infill_eval(args):
     return 0
 
 
+def run_eval_windows(args):
+    """--eval's val figure on windows of --eval-windows characters, whatever the model's context:
+    models of different contexts compared on the same windows (a window within the context)."""
+    model, tok, ckpt, device = load(args)
+    if args.eval_windows > model.config.block_size:
+        raise mdlm.CliError(f'--eval-windows {args.eval_windows} is longer than the context, {model.config.block_size}')
+    _, val_data = mdlm.split_data(mdlm.load_text(args.data), tok, args.eval_windows)
+    model.config.block_size = args.eval_windows          # estimate_loss draws windows of block_size
+    mean, se = mdlm.estimate_loss(model, val_data.to(device), mdlm.EVAL_BATCHES, ckpt['args']['batch_size'])
+    print(f'val {"nll" if model.config.causal else "nelbo"} on windows of {args.eval_windows}: {mean:.4f} +- {se:.4f} '
+          f'nats/char ({mdlm.EVAL_BATCHES} batches of {ckpt["args"]["batch_size"]})')
+    return 0
+
+
 # --- speed --------------------------------------------------------------------------------------------
 
 def fused_attention(q, k, v, causal, dropout=0.0):
@@ -200,10 +217,19 @@ def run_bench(args):
     for kind, extra in (('diffusion', dict(use_time=p['use_time'])), ('gpt', dict(use_time=False, causal=True))):
         torch.manual_seed(args.seed)
         m = mdlm.MDLM(mdlm.ModelConfig(vocab_size=66, dropout=0.0, **shape, **extra)).to(device)
-        models[kind] = (m, mdlm.make_optimizer(m, 1e-4, 0.1, fused=device.startswith('cuda')))
+        ns_dtype = torch.bfloat16 if mdlm.uses_bf16(device, args.dtype) else torch.float32
+        models[kind] = (m, mdlm.make_optimizers(m, 1e-4, 0.1, args.optimizer, ns_dtype, fused=device.startswith('cuda')))
     print(f'bench: device {device} | preset {args.preset} | {models["diffusion"][0].num_params() / 1e6:.2f}M parameters | '
           f'batch {B} x block {T} | {"bfloat16 autocast" if mdlm.uses_bf16(device, args.dtype) else "float32"} | '
           f'threads {torch.get_num_threads()}')
+    for name in ('adamw', 'muon'):           # the optimizer's step alone, on the gradients of one batch
+        model = models['diffusion'][0]
+        opts = mdlm.make_optimizers(model, 1e-4, 0.1, name, ns_dtype)
+        mdlm.batch_loss(model, *mdlm.training_batch(x0.flatten(), B, T, 65, g, False)).backward()
+        dt = best_time({name: lambda: [opt.step() for opt in opts]}, args.iters, sync)[name]
+        print(f'optimizer step ({name}{", Newton-Schulz in " + str(ns_dtype)[6:] if name == "muon" else ""}): '
+              f'{dt * 1000:.1f} ms')
+        model.zero_grad(set_to_none=True)
     lesson_attention = mdlm.attention
     def step(kind, attention):
         mdlm.attention = attention
@@ -323,12 +349,14 @@ def run_frames(args):
 # --- the command line ---------------------------------------------------------------------------------
 
 def build_parser():
-    p = argparse.ArgumentParser(description='The lab: the measurements behind the README (imports mdlm).',
+    p = argparse.ArgumentParser(description='The lab: the measurements behind the README (imports mdlm). '
+                                'Also: --recipe KEY=VALUE ... -- MDLM_FLAGS trains with settings that have no flag.',
                                 allow_abbrev=False)
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument('--frontier', action='store_true', help='score sampler settings with --judge DIR (a GPT)')
     mode.add_argument('--infill-eval', action='store_true', help='fill 100 blanked val words of 1, 3 and 5 letters')
     mode.add_argument('--bench', action='store_true', help='training step and sampling speed')
+    mode.add_argument('--eval-windows', type=int, metavar='N', help='the val figure of --eval on windows of N chars')
     mode.add_argument('--show-noise', metavar='TEXT', help='picture: the forward process on TEXT')
     mode.add_argument('--plot', nargs='+', metavar='DIR', help='picture: the training curves of each DIR/log.csv')
     mode.add_argument('--noise-levels', action='store_true', help='picture: val cross-entropy per noise level')
@@ -347,16 +375,42 @@ def build_parser():
     p.add_argument('--batch-size', type=int, help='--bench (default: the preset\'s)')
     p.add_argument('--iters', type=int, default=10, help='--bench: steps per timed round')
     p.add_argument('--dtype', choices=['auto', 'float32', 'bfloat16'], default='auto')
+    p.add_argument('--optimizer', choices=['adamw', 'muon'], default=mdlm.RECIPE['optimizer'], help='--bench')
     p.add_argument('--device')
     p.add_argument('--data', default=mdlm.DEFAULT_DATA)
     p.add_argument('--seed', type=int, default=mdlm.SEED)
     return p
 
-MODES = {'frontier': run_frontier, 'infill_eval': run_infill_eval, 'bench': run_bench, 'show_noise': run_show_noise,
+MODES = {'frontier': run_frontier, 'infill_eval': run_infill_eval, 'bench': run_bench, 'eval_windows': run_eval_windows,
+         'show_noise': run_show_noise,
          'plot': run_plot, 'noise_levels': run_noise_levels, 'frames': run_frames}
 PICTURES = ('show_noise', 'plot', 'noise_levels', 'frames')
 
+def train_with(argv):
+    """--recipe KEY=VALUE ... -- FLAGS: mdlm.main(FLAGS), or a lab mode's (--bench ...), with settings of
+    the config cell that have no flag changed (in RECIPE, or in every preset); a checkpoint records them."""
+    split = argv.index('--') if '--' in argv else len(argv)
+    for pair in argv[1:split]:
+        key, _, text = pair.partition('=')
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        if key in mdlm.RECIPE:
+            mdlm.RECIPE[key] = value
+        elif all(key in p for p in mdlm.PRESETS.values()):
+            for p in mdlm.PRESETS.values():
+                p[key] = value
+        else:
+            print(f'error: --recipe {key}: not a setting of RECIPE or PRESETS', file=sys.stderr)
+            return 1
+    rest = argv[split + 1:]
+    return (main if rest[:1] and rest[0].lstrip('-').replace('-', '_') in MODES else mdlm.main)(rest)
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ['--recipe']:
+        return train_with(argv)
     args = build_parser().parse_args(argv)
     args.explicit = {k for k, v in vars(args).items() if v is not None}   # mdlm refuses a GPT diffusion flags
     mode = next(name for name in MODES if getattr(args, name) not in (None, False))

@@ -138,3 +138,14 @@ def test_pictures_without_matplotlib_are_one_line(runs, tmp_path, monkeypatch, c
     monkeypatch.setitem(sys.modules, 'matplotlib', None)      # import matplotlib -> ImportError
     assert lab.main(['--plot', runs[0], '--png', str(tmp_path / 'x.png')]) == 1
     assert 'need matplotlib' in capsys.readouterr().err and not os.path.exists(tmp_path / 'x.png')
+
+def test_eval_windows_scores_the_same_windows_as_eval_at_the_context(runs, capsys):
+    d, g = runs
+    assert lab.main(['--eval-windows', '32', '--out-dir', d, '--device', 'cpu']) == 0
+    line = capsys.readouterr().out
+    model, tok = mdlm.model_from_checkpoint(mdlm.load_checkpoint(os.path.join(d, 'ckpt.pt')))
+    _, val = mdlm.split_data(mdlm.load_text(mdlm.DEFAULT_DATA), tok, 32)
+    assert f'{mdlm.estimate_loss(model, val, mdlm.EVAL_BATCHES, 8)[0]:.4f}' in line, line
+    assert lab.main(['--eval-windows', '16', '--out-dir', g, '--device', 'cpu']) == 0
+    assert 'val nll on windows of 16' in capsys.readouterr().out
+    assert lab.main(['--eval-windows', '64', '--out-dir', d, '--device', 'cpu']) == 1
