@@ -9,7 +9,6 @@ They need Tiny Shakespeare at ./input.txt (`python mdlm.py --train` downloads it
 
 import ast
 import contextlib
-import dataclasses
 import inspect
 import io
 import itertools

@@ -19,7 +19,6 @@ before them; lab/README.md gives each with its figure and the commit that measur
 
 import argparse
 import ast
-import math
 import os
 import re
 import sys
