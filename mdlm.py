@@ -367,8 +367,8 @@ def batch_loss(model, x0, xt, mask, t, w, objective='nelbo'):
 # so the step moves every direction the matrix maps equally, not mostly the few where the gradient
 # is large. Five Newton-Schulz steps (matmuls only) push the singular values near 1; scaled by
 # 0.2 sqrt(max(rows, cols)) the step has AdamW's typical size, so one lr serves both. Muon takes
-# the blocks' matrices; AdamW the rest: the embedding (also the output head: a table of vectors,
-# not a map between features), the time input, gains and biases.
+# the blocks' matrices; AdamW the rest: the embedding (tied to the output head: a table of one
+# vector per character), the time input (its MLP and each block's adaLN layer), gains and biases.
 
 def orthogonalize(G, steps=5, dtype=torch.float32):
     """About U V^T for G = U S V^T: Muon's quintic Newton-Schulz iteration, in `dtype`."""
@@ -874,7 +874,7 @@ def start_run(args):
     run.config = config
     # 2) data: the whole token tensor lives on the device (1.1M chars: a few MB), no loader needed
     run.train_data, run.val_data = (d.to(device) for d in split_data(text, run.tok, config.block_size))
-    # 3) model, AdamW, and one generator for batches and noise: every rank draws the same global
+    # 3) model, optimizers, and one generator for batches and noise: every rank draws the same global
     # batch and noise and keeps its slice, so N ranks see exactly one process's N-times larger batch
     torch.manual_seed(args.seed + rank)      # dropout differs per rank; data and noise do not
     run.model = MDLM(config).to(device)      # what gets saved: never the compiled or DDP-wrapped one
