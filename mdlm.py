@@ -878,8 +878,9 @@ def start_run(args):
     # batch and noise and keeps its slice, so N ranks see exactly one process's N-times larger batch
     torch.manual_seed(args.seed + rank)      # dropout differs per rank; data and noise do not
     run.model = MDLM(config).to(device)      # what gets saved: never the compiled or DDP-wrapped one
-    ns_dtype = torch.bfloat16 if uses_bf16(device, args.dtype) else torch.float32   # Muon's Newton-Schulz
-    run.optimizers = make_optimizers(run.model, args.lr, args.weight_decay, args.optimizer, ns_dtype,
+    bf16 = uses_bf16(device, args.dtype)     # autocast, Muon's Newton-Schulz, compile on a CPU: one answer
+    run.optimizers = make_optimizers(run.model, args.lr, args.weight_decay, args.optimizer,
+                                     torch.bfloat16 if bf16 else torch.float32,
                                      fused=device.startswith('cuda'))
     run.gen = torch.Generator(device=device).manual_seed(args.seed)
     if ckpt:
@@ -891,7 +892,7 @@ def start_run(args):
     # bf16, where it was measured faster (elsewhere it was not measured, or measured slower)
     run.autocast = autocast_for(device, args.dtype)
     run.step_model = run.model
-    if device == 'cpu' and uses_bf16(device, args.dtype):
+    if device == 'cpu' and bf16:
         run.step_model = compiled_or_eager(run.model, args.batch_size, config, device, run.autocast, run.log)
     compiled = run.step_model is not run.model
     if world > 1:
@@ -899,7 +900,7 @@ def start_run(args):
         run.step_model = DistributedDataParallel(run.step_model, device_ids=[device] if device.startswith('cuda') else None)
     run.log(f'device {device}{f" x {world}" if world > 1 else ""} | preset {preset} | {"gpt" if config.causal else "diffusion"} | '
             f'{run.model.num_params() / 1e6:.2f}M parameters | {asdict(config)}')
-    run.log(f'fast path: {"bfloat16 autocast" if uses_bf16(device, args.dtype) else "float32"}'
+    run.log(f'fast path: {"bfloat16 autocast" if bf16 else "float32"}'
             f'{", torch.compile" if compiled else ""}; evaluations in float32')
     return run, ckpt
 

@@ -212,14 +212,14 @@ def run_bench(args):
     autocast = mdlm.autocast_for(device, args.dtype)
     g = torch.Generator(device=device).manual_seed(args.seed)
     x0 = torch.randint(65, (B, T), device=device, generator=g)
+    ns_dtype = torch.bfloat16 if mdlm.uses_bf16(device, args.dtype) else torch.float32
     models = {}
     for kind, extra in (('diffusion', dict(use_time=p['use_time'])), ('gpt', dict(use_time=False, causal=True))):
         torch.manual_seed(args.seed)
         m = mdlm.MDLM(mdlm.ModelConfig(vocab_size=66, dropout=0.0, **shape, **extra)).to(device)
-        ns_dtype = torch.bfloat16 if mdlm.uses_bf16(device, args.dtype) else torch.float32
         models[kind] = (m, mdlm.make_optimizers(m, 1e-4, 0.1, args.optimizer, ns_dtype, fused=device.startswith('cuda')))
     print(f'bench: device {device} | preset {args.preset} | {models["diffusion"][0].num_params() / 1e6:.2f}M parameters | '
-          f'batch {B} x block {T} | {"bfloat16 autocast" if mdlm.uses_bf16(device, args.dtype) else "float32"} | '
+          f'batch {B} x block {T} | {"bfloat16 autocast" if ns_dtype == torch.bfloat16 else "float32"} | '
           f'threads {torch.get_num_threads()}')
     for name in ('adamw', 'muon'):           # the optimizer's step alone, on the gradients of one batch
         model = models['diffusion'][0]
