@@ -655,6 +655,13 @@ def load_text(path):
         raise CliError(f'{path} is empty')
     return text
 
+def first_fraction(train_data, fraction, block_size):
+    """--train-fraction: the first `fraction` of the training split, for runs on scarce data."""
+    n = int(fraction * len(train_data))
+    if n < block_size + 1:
+        raise CliError(f'--train-fraction {fraction:g} leaves {n} characters; a window needs {block_size + 1}')
+    return train_data[:n]
+
 def pick_device(requested=None):
     """--device if this machine has it, else the best there is: cuda, then mps, then cpu."""
     if requested:
@@ -696,8 +703,8 @@ def autocast_for(device, dtype='auto'):
 
 FORMAT = 'mdlm-2'
 ARCH_FLAGS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'use_time', 'causal')   # fixed by a checkpoint
-TRAIN_FLAGS = ('batch_size', 'max_iters', 'lr', 'eval_interval', 'eval_iters', *RECIPE)   # may change on --resume
-FLAG_NAMES = {'causal': 'gpt', 'use_time': 'time'}    # dest -> the flag a user types
+TRAIN_FLAGS = ('batch_size', 'max_iters', 'lr', 'eval_interval', 'eval_iters', 'train_fraction', *RECIPE)   # may change on --resume
+FLAG_NAMES = {'causal': 'gpt', 'use_time': 'no_time'}    # dest -> the flag a user types
 
 def flag(name):
     return '--' + FLAG_NAMES.get(name, name).replace('_', '-')
@@ -761,8 +768,8 @@ def resume_config(ckpt, args):
     saved = ckpt['config']
     for name in ARCH_FLAGS:
         if name in args.explicit and getattr(args, name) != saved[name]:
-            raise CliError(f'cannot resume with {flag(name)} {getattr(args, name)}: '
-                           f'the checkpoint was trained with {saved[name]}')
+            asked = flag(name) if isinstance(saved[name], bool) else f'{flag(name)} {getattr(args, name)}'
+            raise CliError(f'cannot resume with {asked}: the checkpoint was trained with {name} = {saved[name]}')
     changed = []
     for name in TRAIN_FLAGS:
         if name not in ckpt['args']:
@@ -858,7 +865,8 @@ def start_run(args):
     preset = resolve(args, device)
     ckpt = load_checkpoint(run.ckpt_path) if args.resume else None
     if rank == 0:    # a save killed mid-write leaves its temporary file; this run owns the directory now
-        for stale in glob.glob(os.path.join(glob.escape(args.out_dir), '.ckpt-*.tmp')):
+        for stale in glob.glob(os.path.join(glob.escape(args.out_dir), '.ckpt-*.tmp')) + \
+                glob.glob(os.path.join(glob.escape(args.out_dir), 'best', '.ckpt-*.tmp')):
             with contextlib.suppress(OSError):
                 os.remove(stale)
     # 1) the shape and the training settings: a resumed run's come from its checkpoint
@@ -874,6 +882,9 @@ def start_run(args):
     run.config = config
     # 2) data: the whole token tensor lives on the device (1.1M chars: a few MB), no loader needed
     run.train_data, run.val_data = (d.to(device) for d in split_data(text, run.tok, config.block_size))
+    run.train_data = first_fraction(run.train_data, args.train_fraction, config.block_size)
+    if args.train_fraction < 1:
+        run.log(f'training on the first {len(run.train_data):,} characters ({args.train_fraction:g} of the split)')
     # 3) model, optimizers, and one generator for batches and noise: every rank draws the same global
     # batch and noise and keeps its slice, so N ranks see exactly one process's N-times larger batch
     torch.manual_seed(args.seed + rank)      # dropout differs per rank; data and noise do not
@@ -909,10 +920,12 @@ def check_finite(loss, it, ckpt_path):
     if loss is not None and not math.isfinite(loss.item()):
         raise CliError(f'the loss is not finite at step {it}; kept the last good checkpoint {ckpt_path}')
 
-def save_run(run, args):
+def save_run(run, args, path=None):
+    """The whole state at <out-dir>/ckpt.pt, or at `path` (the best checkpoint)."""
     if run.rank == 0:
-        os.makedirs(args.out_dir, exist_ok=True)
-        save_checkpoint(run.ckpt_path, {
+        path = path or run.ckpt_path
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_checkpoint(path, {
             'format': FORMAT, 'kind': 'gpt' if run.config.causal else 'diffusion', 'model': run.model.state_dict(),
             'optimizer': [opt.state_dict() for opt in run.optimizers], 'config': asdict(run.config), 'vocab': run.tok.itos,
             'iter': run.it, 'best_val': run.best_val,
@@ -921,10 +934,11 @@ def save_run(run, args):
                     'cuda': torch.cuda.get_rng_state() if run.device.startswith('cuda') else None}})
 
 def evaluate_and_save(run, args, fresh):
-    """Score train and val (the same windows every time), log them, append to log.csv, save."""
+    """Score train and val (the same windows every time), log them, append to log.csv, save; a new
+    best val is saved to <out-dir>/best/ckpt.pt too, so a run that overfits keeps its best weights."""
     train_loss, _ = estimate_loss(run.model, run.train_data, args.eval_iters, args.batch_size)
     val_loss, val_se = estimate_loss(run.model, run.val_data, args.eval_iters, args.batch_size)
-    run.best_val = min(run.best_val, val_loss)
+    improved, run.best_val = val_loss < run.best_val, min(run.best_val, val_loss)
     name, seconds = 'nll' if run.config.causal else 'nelbo', time.time() - run.started
     run.log(f'step {run.it} | train {name} {train_loss:.4f} | val {name} {val_loss:.4f} +- {val_se:.4f} '
             f'nats/char ({val_loss / math.log(2):.4f} bits/char) | {seconds:.0f}s')
@@ -938,6 +952,8 @@ def evaluate_and_save(run, args, fresh):
                 w.writerow(['step', 'train_loss', 'val_loss', 'val_se', 'seconds'])
             w.writerow([run.it, f'{train_loss:.5f}', f'{val_loss:.5f}', f'{val_se:.5f}', f'{seconds:.1f}'])
     save_run(run, args)
+    if improved:
+        save_run(run, args, os.path.join(args.out_dir, 'best', 'ckpt.pt'))
 
 def train(args):
     run, ckpt = start_run(args)
@@ -971,8 +987,8 @@ def train(args):
                 dt = (time.time() - tic) / (run.it - tic_it)
                 run.log(f'step {run.it} | loss {loss.item():.4f} | lr {lr:.1e} | {dt * 1000:.1f}ms | '
                         f'{B * T * world / dt:,.0f} tok/s | eta {dt * (args.max_iters - run.it):.0f}s')
-        run.log(f'done: best val {"nll" if run.config.causal else "nelbo"} {run.best_val:.4f} nats/char; '
-                f'latest checkpoint in {run.ckpt_path}')
+        run.log(f'done: best val {"nll" if run.config.causal else "nelbo"} {run.best_val:.4f} nats/char '
+                f'(its checkpoint: {args.out_dir}/best/ckpt.pt); latest checkpoint in {run.ckpt_path}')
         return run.best_val
     except StopRequested:
         check_finite(loss, run.it, run.ckpt_path)
@@ -1152,6 +1168,7 @@ def run_eval(args):
     model, tok, ckpt = load_for_inference(args)
     device, causal = next(model.parameters()).device, model.config.causal
     train_data, val_data = (d.to(device) for d in split_data(load_text(args.data), tok, model.config.block_size))
+    train_data = first_fraction(train_data, ckpt['args'].get('train_fraction', 1.0), model.config.block_size)
     n, B = args.eval_iters or EVAL_BATCHES, args.batch_size or ckpt['args']['batch_size']   # as in training
     for name, data in (('val', val_data), ('train', train_data)):
         mean, se = estimate_loss(model, data, n, B)
@@ -1222,7 +1239,7 @@ def number(kind, lo, hi=math.inf, lo_open=False, hi_open=False):
 
 positive_int, nonneg_int = number(int, 1), number(int, 0)
 
-DIFFUSION_ONLY = ('use_time', 't_proposal', 'loss', 'steps', 'rule', 'semi_ar', 'show')   # meaningless for a GPT
+DIFFUSION_ONLY = ('use_time', 'steps', 'rule', 'semi_ar', 'show')   # meaningless for a GPT
 
 def refuse_diffusion_flags(args, causal):
     """A flag of the diffusion model's (DIFFUSION_ONLY) given for a GPT is refused with one line."""
@@ -1247,8 +1264,8 @@ def build_parser():
     for name in ('n_layer', 'n_head', 'n_embd', 'block_size'):
         shape.add_argument(flag(name), type=positive_int)
     shape.add_argument('--dropout', type=number(float, 0, 1, hi_open=True))
-    shape.add_argument('--time', dest='use_time', action=argparse.BooleanOptionalAction, default=None,
-                       help='condition on t through adaLN (--no-time: the model sees only the masks)')
+    shape.add_argument('--no-time', dest='use_time', action='store_false', default=None,
+                       help='no adaLN: the model is not told t and sees only the masks')
     shape.add_argument('--gpt', dest='causal', action='store_true', default=None,
                        help='with --train: the GPT twin (causal attention, next-character loss; into out-gpt/)')
     trainer = p.add_argument_group('training (default: from --preset and RECIPE)')
@@ -1257,9 +1274,8 @@ def build_parser():
     trainer.add_argument('--eval-interval', type=positive_int)
     trainer.add_argument('--eval-iters', type=positive_int, help=f'batches per loss estimate (--eval: {EVAL_BATCHES})')
     trainer.add_argument('--lr', type=number(float, 0, lo_open=True))
-    trainer.add_argument('--t-proposal', choices=['uniform', 'cosine'], help=f'how t is drawn ({RECIPE["t_proposal"]})')
-    trainer.add_argument('--loss', choices=['nelbo', 'naive'], help='nelbo (default): the bound; naive: masked CE '
-                         'pooled over the batch, t uniform (evals still report the NELBO)')
+    trainer.add_argument('--train-fraction', type=number(float, 0, 1, lo_open=True), metavar='F',
+                         help='train on the first F of the training split (1); the val text stays whole')
     trainer.add_argument('--resume', action='store_true', help='continue from <out-dir>/ckpt.pt')
     sampler = p.add_argument_group('generation')
     sampler.add_argument('--rule', choices=['confidence', 'ancestral', 'random'], help=f'which proposals to commit ({S.rule})')
@@ -1286,9 +1302,7 @@ def resolve(args, device):
     kind = device.split(':')[0]
     preset = args.preset if args.preset != 'auto' else ('base' if kind == 'cuda' else 'tiny')
     refuse_diffusion_flags(args, args.causal)
-    values = {**RECIPE, **PRESETS[preset]}
-    if args.loss == 'naive':             # the first recipe as taught: t uniform
-        values['t_proposal'] = 'uniform'
+    values = {**RECIPE, **PRESETS[preset], 'train_fraction': 1.0}
     if args.causal:                      # the GPT twin: no time input
         values['use_time'] = False
     if preset == 'tiny' and kind != 'cuda' and not uses_bf16(device, args.dtype):
@@ -1296,6 +1310,8 @@ def resolve(args, device):
     for k, v in values.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
+    if args.loss == 'naive':             # the first recipe as taught (the lab sets it): t uniform
+        args.t_proposal = 'uniform'
     if args.n_embd % args.n_head or (args.n_embd // args.n_head) % 2:
         raise CliError(f'--n-embd {args.n_embd} must split into --n-head {args.n_head} heads of even size')
     return preset

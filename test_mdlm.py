@@ -784,11 +784,46 @@ def test_checkpoint_round_trip_weights_only(trained):
     assert ckpt['args']['min_lr'] == mdlm.RECIPE['min_lr'] and ckpt['args']['t_proposal'] == 'cosine'
 
 def test_max_iters_zero_builds_evaluates_and_saves(tmp_path):
-    (tmp_path / '.ckpt-abc123.tmp').write_bytes(b'half a checkpoint')   # what a killed save leaves
+    (tmp_path / 'best').mkdir()
+    for d in (tmp_path, tmp_path / 'best'):
+        (d / '.ckpt-abc123.tmp').write_bytes(b'half a checkpoint')   # what a killed save leaves
     (tmp_path / 'keep.txt').write_text('not ours')
     assert mdlm.main(['--train', '--max-iters', '0', '--out-dir', str(tmp_path), *TINY]) == 0
     assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['iter'] == 0
-    assert sorted(os.listdir(tmp_path)) == ['ckpt.pt', 'keep.txt', 'log.csv'], 'the stale temporary file is gone'
+    assert sorted(os.listdir(tmp_path)) == ['best', 'ckpt.pt', 'keep.txt', 'log.csv'], 'the stale file is gone'
+    assert os.listdir(tmp_path / 'best') == ['ckpt.pt'], 'and its twin beside the best checkpoint'
+
+def test_train_fraction_trains_and_evaluates_on_the_first_part(tmp_path, capsys):
+    """--train-fraction F: training draws windows from the first F of the training split only, the
+    checkpoint remembers F, and --eval's train figure scores that same part; val stays whole."""
+    out = str(tmp_path)
+    assert mdlm.main(['--train', '--train-fraction', '0.01', '--max-iters', '2', '--eval-interval', '2',
+                      '--out-dir', out, *TINY]) == 0
+    train_data, val_data = mdlm.split_data(mdlm.load_text(DATA), mdlm.Tokenizer(sorted(set(mdlm.load_text(DATA)))), 32)
+    n = int(0.01 * len(train_data))
+    assert f'training on the first {n:,} characters' in capsys.readouterr().err
+    assert mdlm.load_checkpoint(os.path.join(out, 'ckpt.pt'))['args']['train_fraction'] == 0.01
+    assert mdlm.main(['--eval', '--eval-iters', '2', '--out-dir', out]) == 0
+    printed = dict(re.findall(r'(?m)^(val|train) nelbo: ([0-9.]+)', capsys.readouterr().out))
+    model, _ = mdlm.model_from_checkpoint(mdlm.load_checkpoint(os.path.join(out, 'ckpt.pt')))
+    assert printed['train'] == f'{mdlm.estimate_loss(model, train_data[:n], 2, 8)[0]:.4f}'
+    assert printed['val'] == f'{mdlm.estimate_loss(model, val_data, 2, 8)[0]:.4f}'
+    assert printed['train'] != f'{mdlm.estimate_loss(model, train_data, 2, 8)[0]:.4f}'
+
+def test_the_best_checkpoint_is_kept_beside_the_latest(tmp_path, monkeypatch, capsys):
+    """A run whose val loss rises (scripted here) leaves its best weights in best/ckpt.pt, while
+    ckpt.pt, which --resume reads, holds the last step."""
+    vals = iter([3.0, 2.0, 2.5, 2.6])
+    monkeypatch.setattr(mdlm, 'estimate_loss', lambda model, data, *a, **k:
+                        (1.0, 0.0) if data.numel() > 300_000 else (next(vals), 0.01))   # train split: 1.0
+    out = str(tmp_path)
+    assert mdlm.main(['--train', '--max-iters', '6', '--eval-interval', '2', '--out-dir', out, *TINY]) == 0
+    best, last = (mdlm.load_checkpoint(os.path.join(out, *p)) for p in (('best', 'ckpt.pt'), ('ckpt.pt',)))
+    assert (best['iter'], best['best_val'], last['iter'], last['best_val']) == (2, 2.0, 6, 2.0)
+    assert 'best val nelbo 2.0000' in capsys.readouterr().err
+    monkeypatch.undo()
+    assert mdlm.main(['--eval', '--eval-iters', '1', '--out-dir', os.path.join(out, 'best')]) == 0
+    assert 'loaded ' + os.path.join(out, 'best') + '/ckpt.pt: step 2' in capsys.readouterr().err
 
 def test_interrupt_and_resume_equals_uninterrupted(tmp_path):
     """SIGINT mid-run saves and exits non-zero with a resume hint; the resumed run then ends with
@@ -862,8 +897,9 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
     assert all(torch.isfinite(v).all() for v in ckpt['model'].values())
 
-def test_loss_naive_trains_with_uniform_t_and_reports_the_nelbo(tmp_path, capsys):
-    assert mdlm.main(['--train', '--loss', 'naive', '--max-iters', '2', '--eval-interval', '2',
+def test_loss_naive_trains_with_uniform_t_and_reports_the_nelbo(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(mdlm.RECIPE, 'loss', 'naive')      # no flag: the lab sets it through the config
+    assert mdlm.main(['--train', '--max-iters', '2', '--eval-interval', '2',
                       '--out-dir', str(tmp_path), *TINY]) == 0
     assert 'val nelbo' in capsys.readouterr().err, 'evaluated as a bound all the same'
     ckpt = mdlm.load_checkpoint(str(tmp_path / 'ckpt.pt'))
@@ -1150,7 +1186,7 @@ REFUSALS = [
     (['--train', '--resume', '--gpt', '--out-dir', '{d}'], 'cannot resume with --gpt'),
     (['--train', '--gpt', '--max-iters', '1', '--out-dir', '{d}', *TINY], 'holds a diffusion model'),
     (['--train', '--max-iters', '1', '--out-dir', '{g}', *TINY], 'holds a gpt model'),
-    (['--train', '--gpt', '--time', '--out-dir', '{tmp}/x', *TINY], '--time means nothing for a GPT'),
+    (['--train', '--gpt', '--no-time', '--out-dir', '{tmp}/x', *TINY], '--no-time means nothing for a GPT'),
     (['--sample', '--out-dir', '{g}', '--steps', '8'], '--steps means nothing for a GPT'),
     (['--eval', '--out-dir', '{g}', '--rule', 'ancestral'], '--rule means nothing for a GPT'),
     (['--infill', 'To [___] or not', '--out-dir', '{g}'], 'cannot fill blanks'),
@@ -1158,6 +1194,7 @@ REFUSALS = [
     (['--sample', '--out-dir', '{d}', '--judge', '{d}'], 'a judge must be a GPT'),
     (['--sample', '--gpt', '--out-dir', '{g}'], '--gpt is for --train'),
     (['--eval', '--out-dir', '{d}', '--data', '{tmp}/curly.txt'], "'{'"),
+    (['--train', '--train-fraction', '1e-5', '--out-dir', '{tmp}/x', *TINY], 'leaves 10 characters; a window needs 33'),
 ]
 
 @pytest.mark.parametrize('argv,needle', REFUSALS, ids=[n for _, n in REFUSALS])
@@ -1175,6 +1212,7 @@ def test_refusals_are_one_line(argv, needle, trained, trained_gpt, tmp_path, cap
                                   ['--sample', '--num-samples', '0'], ['--train', '--batch-size', '0'],
                                   ['--train', '--dropout', '1.5'], ['--sample', '--top-p', '0'],
                                   ['--sample', '--temperature', 'nan'], ['--sample', '--seed', str(2 ** 70)],
+                                  ['--train', '--train-fraction', '0'], ['--train', '--train-fraction', '1.5'],
                                   ['--train', '--sample'], ['--sample', '--top', '3'], ['--bogus']])
 def test_cli_argument_errors(argv, capsys):
     with pytest.raises(SystemExit) as e:
