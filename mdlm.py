@@ -47,9 +47,8 @@ PRESETS = {
     'tiny': dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, use_time=True,
                  batch_size=32, max_iters=4700, lr=3e-3, eval_interval=500, eval_iters=20),
 }
-# Shared: the learning rate warms up over warmup_iters, stays at lr, then falls linearly to min_lr
-# over the last 20% of the steps; weight_decay is on matrices. Section 5 explains t_proposal ('uniform'
-# or 'cosine') and loss ('nelbo' or 'naive'), section 6 the optimizer ('muon' or 'adamw').
+# Shared: lr warms up over warmup_iters, holds, then falls linearly to min_lr over the last 20% of
+# the steps; weight_decay is on matrices. t_proposal and loss: section 5; optimizer: section 6.
 RECIPE = dict(min_lr=1e-4, warmup_iters=100, weight_decay=0.1, t_proposal='cosine', loss='nelbo', optimizer='muon')
 
 @dataclass
@@ -65,8 +64,8 @@ SEED = 1337         # training's batches and noise, and sampling, unless --seed 
 EPS = 1e-3          # training draws t from [EPS, 1): t = 0 would mask nothing, its 1/t weight (5) infinite
 EVAL_SEED = 1234    # every evaluation scores the same windows with the same masks
 MASK_GLYPH = '■'    # how a [MASK] is drawn on screen
-HERE = os.path.dirname(os.path.abspath(__file__)) if '__file__' in globals() else os.getcwd()  # notebooks: no __file__
-DEFAULT_DATA = os.path.join(HERE, 'input.txt')
+DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)) if '__file__' in globals()
+                            else os.getcwd(), 'input.txt')   # a notebook has no __file__: its folder
 NOTEBOOK = __name__ == '__main__' and 'ipykernel' in sys.modules   # the demos run in a notebook only
 DEMO_ITERS = 1000   # training steps of the notebook's demo (one to two minutes on a laptop CPU)
 
@@ -98,10 +97,9 @@ def split_data(text, tok, block_size):
     """First 90% for training, last 10% held out for the likelihood, as nanoGPT does."""
     data = torch.tensor(tok.encode(text), dtype=torch.long)
     n = int(0.9 * len(data))
-    train_data, val_data = data[:n], data[n:]
-    if len(val_data) < block_size + 1:
+    if len(data) - n < block_size + 1:
         raise CliError(f'{len(data)} characters are too few for block_size {block_size}: each split needs {block_size + 1}')
-    return train_data, val_data
+    return data[:n], data[n:]
 
 def get_batch(data, batch_size, block_size, generator):
     """(B, T) windows of clean text, x0, at random offsets."""
@@ -112,9 +110,8 @@ if NOTEBOOK:   # demo: the text (`python mdlm.py --train` downloads it), its voc
     text = open(DEFAULT_DATA, encoding='utf-8').read()
     tok = Tokenizer(sorted(set(text)))
     train_data, val_data = split_data(text, tok, PRESETS['tiny']['block_size'])
-    print(f'{len(text):,} characters, {tok.vocab_size} tokens (65 characters + [MASK]), '
-          f'{len(train_data):,} for training, {len(val_data):,} held out')
-    print(repr(tok.decode(train_data[:64].tolist())))
+    print(f'{len(text):,} characters, {tok.vocab_size} tokens (65 characters + [MASK]), {len(train_data):,} '
+          f'for training, {len(val_data):,} held out; the first 64: {tok.decode(train_data[:64].tolist())!r}')
 
 # %% 3. The forward process ------------------------------------------------------------------------
 # At time t in [0, 1] every character is replaced by [MASK] independently with probability t:
@@ -139,16 +136,14 @@ if NOTEBOOK:   # demo: one line of the play, destroyed a little more at each t
     print(show_noise('First Citizen: Before we proceed any further, hear me speak.', tok))
 
 # %% 4. The model ----------------------------------------------------------------------------------
-# A transformer that reads xt and predicts x0 at every position. It is a GPT block for block,
-# with three changes:
+# A transformer that reads xt and predicts x0 at every position: a GPT block for block, except
 #   1) no causal mask: every position attends to every other, in both directions;
 #   2) it may be told the noise level t (use_time), through adaLN: below;
 #   3) the output never predicts [MASK] (MDLM calls this the "SUBS" parameterisation).
-# The GPT twin, the yardstick, is this same network with change 1 undone (causal=True: each
-# position sees itself and what is left of it) and no t: it predicts the next character.
-#
-# Positions are rotary embeddings (RoPE, as in LLaMA and MDLM): each query and key is rotated by
-# an angle proportional to its position, so a score depends on how far apart two characters are.
+# The GPT twin, the yardstick, is this network with causal=True (a position sees itself and what
+# is left of it) and no t: it predicts the next character. Positions are rotary (RoPE, as in LLaMA
+# and MDLM): each query and key is turned by an angle proportional to its position, so a score
+# depends on how far apart two characters are.
 
 def apply_rope(x, cos, sin):
     """Rotate each pair of channels (j, j + hs/2) of x (B, nh, T, hs) by its position's angle."""
@@ -275,8 +270,7 @@ if NOTEBOOK:   # demo: the tiny preset's model, untrained
 # revealed) for each. With k characters hidden it reveals any of them with equal chance, so it
 # pays the mean loss over k masked positions; per character, that mean averaged over k = 1..L.
 # Each order is a proper generator, and by Jensen's inequality (-log of an average <= the average
-# of -log) the average over orders bounds -log p of their mixture: the negative evidence lower
-# bound, NELBO.
+# of -log) the average over orders bounds -log p of their mixture: the NELBO (negative ELBO).
 # Training draws t, not k. About tL characters are masked at time t: sum their losses, divide by
 # tL. That is the 1/t weight, exactly right for a model that ignores t (for one that uses it, the
 # expectation below is MDLM's definition): the chance of k masks, integrated with weight 1/t, is
@@ -294,14 +288,13 @@ def nelbo_loss(logits, x0, mask, t, weight=None):
     per_seq = masked_ce(logits, x0, mask).sum(1) / (t * x0.size(1))   # (B,)
     return (per_seq if weight is None else per_seq * weight).mean()
 
-# Which t to train on. Uniform t, stratified: one u ~ U(0, 1) shifted by i / B for row i (each t
-# is still uniform; their mean varies far less), kept above EPS.
-# The refinement, importance sampling: any density q(t), a proposal, may pick the t's if each row is
-# weighed by (uniform density) / q(t): the mean is the same integral, only the noise changes.
-# 'cosine' draws u uniform and t = 1 - cos(pi u / 2) (the cosine noise schedule of other papers,
-# seen for what it is: in continuous time the NELBO does not depend on the schedule, so a schedule
-# only decides which t training sees). Its density, q(t) = (2 / pi) / sqrt(t (2 - t)), puts more
-# rows at small t, where few characters are masked and each weighs much.
+# Which t to train on. Uniform t, stratified: one u ~ U(0, 1) shifted by i / B for row i (each t is
+# still uniform, their mean far steadier), kept above EPS. The refinement, importance sampling: any
+# density q(t), a proposal, may pick the t's if each row is weighed by (uniform density) / q(t): the
+# same mean, other noise. 'cosine' draws u uniform and t = 1 - cos(pi u / 2) (the cosine noise
+# schedule of other papers, seen for what it is: in continuous time the NELBO does not depend on the
+# schedule, so a schedule only decides which t training sees). Its density, q(t) = (2 / pi) /
+# sqrt(t (2 - t)), puts more rows at small t, where few characters are masked and each weighs much.
 
 def stratified(batch_size, generator, device):
     """(B,) numbers in [0, 1), one in each 1/B-th of it."""
@@ -318,12 +311,9 @@ def draw_t(batch_size, generator, device, proposal='uniform'):
     q = (2 / math.pi) / torch.sqrt(t * (2 - t)) / (1 - u_lo)        # the density of t on [EPS, 1]
     return t, 1 / ((1 - EPS) * q)
 
-# The GPT twin's loss: fed [start] + x0[:-1] (the [MASK] id is the start token), it predicts the
-# same L characters; the mean cross-entropy is their exact NLL, -log p(x0) / L (section 6). So
-# NELBO - NLL is what learning every order, not one, costs.
-
 def gpt_input(x0, start_id):
-    """(B, T) -> (B, T): the window shifted right by one, the start token in front."""
+    """The GPT twin's input, [start] + x0[:-1] ([MASK] is the start token): it predicts the same L
+    characters, and its mean cross-entropy is their exact NLL. NELBO - NLL: the cost of any order."""
     return torch.cat([torch.full_like(x0[:, :1], start_id), x0[:, :-1]], 1)
 
 if NOTEBOOK:   # demo: untrained, the model guesses uniformly among 65 characters: loss ~ log 65
@@ -363,12 +353,11 @@ def batch_loss(model, x0, xt, mask, t, w, objective='nelbo'):
     return nelbo_loss(logits, x0, mask, t, w)
 
 # The update. AdamW scales each weight's step by its own gradient history. Muon (K. Jordan, 2024)
-# treats a matrix as a whole: it replaces the gradient's momentum by the nearest orthogonal matrix,
-# so the step moves every direction the matrix maps equally, not mostly the few where the gradient
-# is large. Five Newton-Schulz steps (matmuls only) push the singular values near 1; scaled by
-# 0.2 sqrt(max(rows, cols)) the step has AdamW's typical size, so one lr serves both. Muon takes
-# the blocks' matrices; AdamW the rest: the embedding (tied to the output head: a table of one
-# vector per character), the time input (its MLP and each block's adaLN layer), gains and biases.
+# treats a matrix as a whole: it replaces the momentum by the nearest orthogonal matrix, so the step
+# moves every direction the matrix maps equally, not mostly the few where the gradient is large.
+# Five Newton-Schulz steps (matmuls only) push the singular values near 1; scaled by 0.2 sqrt(max(
+# rows, cols)) the step has AdamW's typical size: one lr serves both. Muon takes the blocks' matrices,
+# AdamW the rest: the embedding (tied to the head), the time input (MLP, adaLN layers), gains, biases.
 
 def orthogonalize(G, steps=5, dtype=torch.float32):
     """About U V^T for G = U S V^T: Muon's quintic Newton-Schulz iteration, in `dtype`."""
@@ -421,7 +410,6 @@ def train_step(model, optimizers, batch, lr, objective='nelbo', autocast=context
 if NOTEBOOK:   # demo: train the tiny model for DEMO_ITERS steps with the default recipe
     hp = {**RECIPE, **PRESETS['tiny']}
     optimizers = make_optimizers(model, hp['lr'], hp['weight_decay'], hp['optimizer'])
-    model.train()
     for it in range(DEMO_ITERS):
         batch = training_batch(train_data, hp['batch_size'], config.block_size, tok.mask_id, gen, False, hp['t_proposal'])
         loss = train_step(model, optimizers, batch, get_lr(it, hp['lr'], hp['min_lr'], hp['warmup_iters'], DEMO_ITERS))
@@ -436,19 +424,17 @@ if NOTEBOOK:   # demo: train the tiny model for DEMO_ITERS steps with the defaul
 #   1) run the model on x: a distribution over characters at every position;
 #   2) draw a proposal for every masked position from it;
 #   3) commit each proposal with probability (t - s) / t; the other masks stay masked.
-# That is MDLM's ancestral sampler; its last step (s = 0) commits all. Characters given in the
-# input are never touched, so one loop samples, completes (a prompt, then masks) and fills blanks.
-# The model is told t = the fraction of its input masked, not the schedule's t: with a prompt, or in
-# blocks (below), the schedule counts down over the masks still to write, while the model learned
-# with t the mask rate of the whole row, which the fraction masked measures.
-# Which proposals to commit is the rule, a parameter of the loop:
+# That is MDLM's ancestral sampler; its last step (s = 0) commits all. Given characters are never
+# touched, so one loop samples, completes (a prompt, then masks) and fills blanks. The model is told
+# t = the fraction of its input masked (the mask rate it learned with), not the schedule's t, which
+# with a prompt or in blocks counts down over the masks still to write. The rule picks the commits:
 #   'ancestral'   the reverse process above, exactly;
-#   'confidence'  commit the k proposals the model is surest of (MaskGIT, LLaDA), k per step
-#                 floor(M / N), + 1 in the first M mod N steps, so the M masks are done in N steps;
-#   'random'      commit k proposals chosen at random: 'confidence' without its choice.
+#   'confidence'  the k proposals the model is surest of (MaskGIT, LLaDA), k = floor(M / N) per
+#                 step, + 1 in the first M mod N steps: the M masks are done in N steps;
+#   'random'      k proposals chosen at random: 'confidence' without its choice.
 # A small model's ancestral samples read as letter soup; committing the surest first writes words.
-# semi_ar = n (LLaDA's semi-autoregressive blocks): an outer loop hands the steps only the first
-# n masks of each row, then the next n, and so on, each block a whole schedule of N steps.
+# semi_ar = n (LLaDA's semi-autoregressive blocks): an outer loop hands the steps the first n masks
+# of each row, then the next n, each block a whole schedule of N steps.
 
 @torch.no_grad()
 def generate(model, x, sampler=SamplerConfig(), generator=None, on_step=None):
@@ -482,10 +468,9 @@ def unmask(rule, masked, conf, t, s, k, generator):
     return masked & (rank < k[:, None])
 
 def propose(logits, temperature=1.0, top_p=1.0, generator=None):
-    """A token per position from softmax(logits / temperature) within the nucleus (the fewest
-    tokens whose probabilities sum to top_p), and its probability there: the confidence (for
-    temperature 0, the argmax, its probability at temperature 1). Gumbel-max: argmax(logits - log(-log u))
-    is a sample of the softmax; in float64, as float32 noise measurably cools the samples."""
+    """A token per position from softmax(logits / temperature) within the nucleus (the fewest tokens
+    whose probabilities sum to top_p) and its probability there, the confidence (temperature 0: the argmax,
+    at temperature 1). Gumbel-max, argmax(logits - log(-log u)), in float64: float32 noise cools samples."""
     logits = logits.float() if logits.device.type == 'mps' else logits.double()   # mps has no float64
     if temperature > 0:
         logits = logits / temperature
@@ -544,29 +529,23 @@ def infill(model, ids, num_samples, sampler=SamplerConfig(), generator=None, on_
 if NOTEBOOK:   # demo: continue a prompt; fill a blank from both sides
     print(tok.decode(generate_text(model, tok.encode('ROMEO:\n'), 96, 1, generator=gen)[0].tolist()))
     ids = tok.encode('To be, or not to be, that is the ') + [tok.mask_id] * 8 + tok.encode('.')
-    out = infill(model, ids, 2, generator=gen)
-    print('\n'.join(tok.decode(row.tolist()) for row in out))
+    print('\n'.join(tok.decode(row.tolist()) for row in infill(model, ids, 2, generator=gen)))
 
 # %% 9. Evaluation ---------------------------------------------------------------------------------
-# An honest likelihood: on held-out text, the same windows and masks every time, low variance.
-# Training's estimator (random t, Bernoulli masks) is unbiased but noisy. Here the mask count k
-# is drawn directly (section 5: the NELBO averages the mean masked loss over k = 1..L): exactly k
-# of the L positions masked, k spread evenly over 1..L across the batch, weighed by 1/k (LLaDA's
-# estimator). For a model that ignores t this is exactly the NELBO. A model that uses t is told
-# t = k / L: the figure is the random-order generator's cost with that input, still a bound.
-
-def exact_k_mask(B, L, generator, device):
-    """(B, L) masks with exactly k_b positions set, k_b stratified over 1..L. Returns mask, k."""
-    k = 1 + (stratified(B, generator, device) * L).long().clamp(max=L - 1)   # (B,) in 1..L
-    # argsort of random scores is a random permutation; argsort again: each position's rank in it
-    rank = torch.rand(B, L, generator=generator, device=device).argsort(1).argsort(1)   # (B, L)
-    return rank < k[:, None], k
+# An honest likelihood: held-out text, the same windows and masks every time, low variance.
+# Training's estimator (random t, Bernoulli masks) is unbiased but noisy. Here the mask count k is
+# drawn directly (section 5: the NELBO averages the mean masked loss over k = 1..L), spread evenly
+# over 1..L across the batch, weighed by 1/k (LLaDA's estimator): exactly the NELBO for a model that
+# ignores t. One that uses t is told t = k / L: the random-order generator's cost with that input.
 
 @torch.no_grad()
 def nelbo_per_seq(model, x0, generator):
-    """The exact-k estimate per sequence (B,), nats per character."""
-    mask, k = exact_k_mask(*x0.shape, generator, x0.device)
-    logits = model(x0.masked_fill(mask, model.config.vocab_size - 1), k / x0.size(1))
+    """The exact-k estimate per window (B,), nats per character: exactly k_b of its L positions masked."""
+    (B, L), device = x0.shape, x0.device
+    k = 1 + (stratified(B, generator, device) * L).long().clamp(max=L - 1)          # (B,) in 1..L
+    rank = torch.rand(B, L, generator=generator, device=device).argsort(1).argsort(1)   # of a random order
+    mask = rank < k[:, None]                                                         # (B, L): k_b masks
+    logits = model(x0.masked_fill(mask, model.config.vocab_size - 1), k / L)
     return masked_ce(logits, x0, mask).sum(1) / k
 
 @torch.no_grad()
@@ -575,11 +554,31 @@ def nll_per_seq(model, x0):
     logits = model(gpt_input(x0, model.config.vocab_size - 1), None)
     return F.cross_entropy(logits.transpose(1, 2), x0, reduction='none').mean(1)
 
+# An exact likelihood too: section 5's generator with one order, chosen from the visible input only
+# (never the hidden characters). Its probabilities sum to 1 over all strings, so it compares with a
+# GPT's: left to right, it is a GPT inside the diffusion model; 'surest' reveals first where the model
+# is surest. The NELBO averages random orders: a good order can score below it. L passes a window.
+
+def surest(logp, masked):   # (B,): the masked position whose prediction has the highest top probability
+    return logp.amax(-1).masked_fill(~masked, float('-inf')).argmax(1)
+
 @torch.no_grad()
-def estimate_loss(model, data, n_batches, batch_size, seed=EVAL_SEED):
-    """Nats/char and standard error over n_batches seeded batches: the NELBO bound, or a GPT's exact
-    NLL. Windows and masks have generators of their own: every call, either kind, scores the same
-    ones. A batch shares one stratified draw, so the error comes from whole batches."""
+def exact_nll(model, x0, order=None):
+    """-log p(x0) / L per window (B,), each pass revealing where order(log-probs, masks) says (None: leftmost)."""
+    (B, L), mask_id = x0.shape, model.config.vocab_size - 1
+    x, rows, nll = torch.full_like(x0, mask_id), torch.arange(B, device=x0.device), 0
+    for k in range(L, 0, -1):                                      # k masks left: told t = k / L
+        logp = model(x, torch.full((B,), k / L, device=x0.device)).log_softmax(-1)    # (B, L, V)
+        i = order(logp, x == mask_id) if order else (x == mask_id).float().argmax(1)   # (B,)
+        nll = nll - logp[rows, i, x0[rows, i]]
+        x[rows, i] = x0[rows, i]
+    return nll / L
+
+@torch.no_grad()
+def estimate_loss(model, data, n_batches, batch_size, seed=EVAL_SEED, per_seq=None):
+    """Nats/char and standard error over n_batches seeded batches: the NELBO bound, a GPT's exact
+    NLL, or per_seq(model, x0). Windows and masks have generators of their own: every call, any
+    kind, scores the same ones. A batch shares one stratified draw: the error is between batches."""
     was_training = model.training
     model.eval()
     windows = torch.Generator(device=data.device).manual_seed(seed)
@@ -587,8 +586,9 @@ def estimate_loss(model, data, n_batches, batch_size, seed=EVAL_SEED):
     means = []
     for _ in range(n_batches):
         x0 = get_batch(data, batch_size, model.config.block_size, windows)
-        per_seq = nll_per_seq(model, x0) if model.config.causal else nelbo_per_seq(model, x0, noise)
-        means.append(per_seq.float().mean())
+        scores = per_seq(model, x0) if per_seq else nll_per_seq(model, x0) if model.config.causal \
+            else nelbo_per_seq(model, x0, noise)
+        means.append(scores.float().mean())
     model.train(was_training)
     m = torch.stack(means)
     return m.mean().item(), (m.std() / math.sqrt(len(m))).item() if len(m) > 1 else float('nan')
@@ -596,6 +596,7 @@ def estimate_loss(model, data, n_batches, batch_size, seed=EVAL_SEED):
 if NOTEBOOK:   # demo: the trained model's bound on held-out text
     nelbo, se = estimate_loss(model, val_data, 10, 32)
     print(f'val NELBO {nelbo:.3f} +- {se:.3f} nats/char: perplexity <= {math.exp(nelbo):.2f}')
+    print(f'exact, left to right: {estimate_loss(model, val_data, 2, 32, per_seq=exact_nll)[0]:.3f} nats/char')
 
 # %% ========================== THE LESSON IS COMPLETE ==========================================
 # Everything above is a whole, working MDLM. Everything below is the harness a reader may skip:
@@ -619,7 +620,8 @@ from dataclasses import asdict, fields
 
 DATA_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 DATA_SHA256 = '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'
-EVAL_BATCHES = 100      # --eval averages this many batches; the training log, the first eval_iters of them
+EVAL_BATCHES = 100
+EXACT_BATCHES = 20    # --eval --exact: the training log's 20 x 32 windows (64 passes a window, two orders)      # --eval averages this many batches; the training log, the first eval_iters of them
 TINY_FP32_ITERS = 2000  # the tiny preset's steps where bf16 is not native: float32 steps cost more
 
 def download_data(path, url=DATA_URL, sha256=DATA_SHA256, opener=urllib.request.urlopen):
@@ -1179,6 +1181,13 @@ def run_eval(args):
               f'{spread} of {B} windows of {model.config.block_size}); {what[1]}')
     if causal:
         return 0
+    if args.exact:    # L passes a window: on the first EXACT_BATCHES batches, the bound beside it
+        m = min(n, EXACT_BATCHES)
+        print(f'val, the first {m} of those batches ({m * B} windows): the bound and two exact likelihoods')
+        for name, per_seq in (('nelbo (bound)', None), ('exact, left to right', exact_nll),
+                              ('exact, surest first', lambda model, x0: exact_nll(model, x0, surest))):
+            mean, se = estimate_loss(model, val_data, m, B, per_seq=per_seq)
+            print(f'  {name:<22} {mean:.4f} +- {se:.4f} nats/char ({mean / math.log(2):.4f} bits/char)')
     ts = [round(0.1 * i, 1) for i in range(1, 11)]
     ces = ce_per_noise_level(model, val_data, ts, max(1, n // 4), B)
     print('masked cross-entropy per noise level (val, nats per masked char):')
@@ -1239,7 +1248,7 @@ def number(kind, lo, hi=math.inf, lo_open=False, hi_open=False):
 
 positive_int, nonneg_int = number(int, 1), number(int, 0)
 
-DIFFUSION_ONLY = ('use_time', 'steps', 'rule', 'semi_ar', 'show')   # meaningless for a GPT
+DIFFUSION_ONLY = ('use_time', 'exact', 'steps', 'rule', 'semi_ar', 'show')   # meaningless for a GPT
 
 def refuse_diffusion_flags(args, causal):
     """A flag of the diffusion model's (DIFFUSION_ONLY) given for a GPT is refused with one line."""
@@ -1268,6 +1277,8 @@ def build_parser():
                        help='no adaLN: the model is not told t and sees only the masks')
     shape.add_argument('--gpt', dest='causal', action='store_true', default=None,
                        help='with --train: the GPT twin (causal attention, next-character loss; into out-gpt/)')
+    p.add_argument('--exact', action='store_true', default=None,
+                   help='with --eval: the exact likelihoods of two unmasking orders (slow; fewer windows)')
     trainer = p.add_argument_group('training (default: from --preset and RECIPE)')
     trainer.add_argument('--batch-size', type=positive_int)
     trainer.add_argument('--max-iters', type=nonneg_int, help='0: build, evaluate, save')
@@ -1339,6 +1350,8 @@ def main(argv=None):
             args.out_dir = 'out-gpt' if args.train and args.causal else 'out'
         if args.causal and not args.train:
             raise CliError('--gpt is for --train; every other mode reads the kind from the checkpoint')
+        if args.exact and not args.eval:
+            raise CliError('--exact is for --eval')
         if args.train:
             train(args)
             return 0

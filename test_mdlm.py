@@ -663,8 +663,18 @@ def test_exact_k_estimator_matches_the_continuous_nelbo():
     assert abs(est.mean().item() - integral) < 4 * se, (est.mean().item(), integral, se)
 
 def test_exact_k_masks_hold_exactly_k():
-    mask, k = mdlm.exact_k_mask(16, 10, torch.Generator().manual_seed(0), 'cpu')
-    assert torch.equal(mask.sum(1), k) and k.min() >= 1 and k.max() <= 10
+    """The estimator's inputs: row b has exactly k_b masks, k_b = L t_b with t_b = the time it is told,
+    and the 16 rows' k spread over 1..10 (stratified), whatever the text."""
+    seen = []
+    def model(xt, t):
+        seen.append((xt, t))
+        return torch.zeros(*xt.shape, 66)
+    model.config = mdlm.ModelConfig(vocab_size=66)
+    mdlm.nelbo_per_seq(model, torch.zeros(16, 10, dtype=torch.long), torch.Generator().manual_seed(0))
+    (xt, t), = seen
+    k = (xt == MASK).sum(1)
+    assert torch.equal(k, (t * 10).round().long()) and k.min() >= 1 and k.max() <= 10
+    assert set(k.tolist()) == set(range(1, 11)), 'stratified: 16 evenly spaced draws hit every k'
 
 def test_standard_error_matches_the_spread_of_repeated_estimates(text, tok):
     """The error bar comes from independent batches: over 24 seeds the estimates scatter about as
@@ -722,6 +732,53 @@ def test_the_lesson_never_calls_into_the_harness():
         assert f'def {name}(' in lesson, f'{name} is part of the lesson'
     for name in ('train', 'save_checkpoint', 'ddp_setup', 'build_parser', 'main'):
         assert f'def {name}(' in harness, f'{name} is harness'
+
+def sharp_model(use_time=True):
+    """A 3-character model (+ [MASK]) with large random weights, adaLN included: its predictions
+    depend strongly on the input and on t, in eval mode."""
+    torch.manual_seed(0)
+    model = mdlm.MDLM(mdlm.ModelConfig(vocab_size=4, block_size=4, n_layer=2, n_head=2, n_embd=16,
+                                       dropout=0.0, use_time=use_time)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.7)
+    return model
+
+ALL_STRINGS = torch.tensor(list(itertools.product(range(3), repeat=4)))   # every string of length 4: (81, 4)
+
+@pytest.mark.parametrize('use_time', [True, False])
+def test_exact_likelihoods_sum_to_one_over_all_strings(use_time):
+    """Both orders choose from the visible input only, so p(x) over all 81 strings sums to 1; an
+    order that peeks at the hidden characters (reveal first where the true one is likeliest) does
+    not. The model runs in float32 (its forward's output), the sums in float64: hence the tolerance."""
+    model = sharp_model(use_time)
+    total = lambda order: torch.exp(-4 * mdlm.exact_nll(model, ALL_STRINGS, order).double()).sum().item()
+    peek = lambda logp, masked: logp.gather(-1, ALL_STRINGS[..., None])[..., 0].masked_fill(~masked, -math.inf).argmax(1)
+    assert total(None) == pytest.approx(1, abs=1e-4)
+    assert total(mdlm.surest) == pytest.approx(1, abs=1e-4)
+    assert abs(total(peek) - 1) > 0.05, 'peeking is no generator: its "probabilities" do not sum to 1'
+    p = torch.exp(-4 * mdlm.exact_nll(model, ALL_STRINGS, mdlm.surest))
+    assert p.max() / p.min() > 100, 'the model is sharp: the strings differ in probability'
+
+def test_exact_left_to_right_is_the_chain_rule_by_hand():
+    """-log p(x) = -sum_i log p(x_i | x_<i, masks after), t = the fraction masked, written out."""
+    model, x = sharp_model(), [2, 0, 1, 1]
+    nll = 0.0
+    for i in range(4):
+        xt = torch.tensor([x[:i] + [3] * (4 - i)])
+        p = model(xt, torch.tensor([(4 - i) / 4])).double().softmax(-1)[0, i, x[i]]
+        nll -= math.log(p.item())
+    assert mdlm.exact_nll(model, torch.tensor([x])).item() == pytest.approx(nll / 4, rel=1e-5)
+    assert mdlm.surest(torch.tensor([[[-3.0, -0.1], [-0.01, -5.0], [-0.5, -1.0]]]), torch.tensor([[True, False, True]])) == 0, 'masked only'
+
+def test_eval_exact_prints_the_bound_and_both_orders_on_the_same_windows(trained, capsys):
+    assert mdlm.main(['--eval', '--exact', '--eval-iters', '2', '--out-dir', trained]) == 0
+    out = capsys.readouterr().out
+    rows = dict(re.findall(r'(?m)^  (nelbo \(bound\)|exact, left to right|exact, surest first) +([0-9.]+)', out))
+    assert len(rows) == 3 and 'the first 2 of those batches (16 windows)' in out, out
+    model, tok = mdlm.model_from_checkpoint(mdlm.load_checkpoint(os.path.join(trained, 'ckpt.pt')))
+    val = mdlm.split_data(mdlm.load_text(DATA), tok, 32)[1]
+    assert rows['exact, left to right'] == f'{mdlm.estimate_loss(model, val, 2, 8, per_seq=mdlm.exact_nll)[0]:.4f}'
 
 def test_the_file_stays_small():
     lesson, harness = lesson_and_harness()
@@ -1194,6 +1251,8 @@ REFUSALS = [
     (['--sample', '--out-dir', '{d}', '--judge', '{d}'], 'a judge must be a GPT'),
     (['--sample', '--gpt', '--out-dir', '{g}'], '--gpt is for --train'),
     (['--eval', '--out-dir', '{d}', '--data', '{tmp}/curly.txt'], "'{'"),
+    (['--sample', '--exact', '--out-dir', '{d}'], '--exact is for --eval'),
+    (['--eval', '--exact', '--out-dir', '{g}'], '--exact means nothing for a GPT'),
     (['--train', '--train-fraction', '1e-5', '--out-dir', '{tmp}/x', *TINY], 'leaves 10 characters; a window needs 33'),
 ]
 
