@@ -621,6 +621,7 @@ from dataclasses import asdict, fields
 DATA_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 DATA_SHA256 = '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'
 EVAL_BATCHES = 100
+MAX_FILL = 12         # --infill: the widest fill tried for a blank of unknown width, [...]
 EXACT_BATCHES = 20    # --eval --exact: the training log's 20 x 32 windows (64 passes a window, two orders)      # --eval averages this many batches; the training log, the first eval_iters of them
 TINY_FP32_ITERS = 2000  # the tiny preset's steps where bf16 is not native: float32 steps cost more
 
@@ -1008,18 +1009,49 @@ def train(args):
 
 # %% Harness: generation, evaluation and scoring from the command line -----------------------------
 
-BLANK = re.compile(r'\[_+\]')   # a blank: '[', one or more '_', ']'; it stands for as many chars as it is wide
+BLANK = re.compile(r'\[_+\]|\[\.\.\.\]')   # '[___]': as many characters as it is wide; '[...]': unknown
+UNKNOWN = -1    # parse_infill's id for a [...] blank, until fill_unknown gives it a width
 
 def parse_infill(text, tok):
     """'To [___] or not' -> ids with [MASK] in the blanks. A blank is replaced by exactly as many
-    characters as the marker is wide ('[___]' is 5), so the answer lines up under the question."""
+    characters as the marker is wide ('[___]' is 5), so the answer lines up under the question;
+    a blank of unknown width, '[...]', becomes one UNKNOWN."""
     ids, pos = [], 0
     for m in BLANK.finditer(text):
-        ids += tok.encode(text[pos:m.start()]) + [tok.mask_id] * (m.end() - m.start())
+        ids += tok.encode(text[pos:m.start()]) + ([UNKNOWN] if m.group() == '[...]' else [tok.mask_id] * len(m.group()))
         pos = m.end()
     ids += tok.encode(text[pos:])
-    if tok.mask_id not in ids:
-        raise CliError('the text has no blank to fill: mark one with [___] (it is as long as it is wide)')
+    if tok.mask_id not in ids and UNKNOWN not in ids:
+        raise CliError('the text has no blank to fill: mark one with [___] (as long as it is wide) or [...]')
+    return ids
+
+def width_candidates(model, ids, max_fill, sampler, generator):
+    """The first [...] of ids filled at each width 1..max_fill, in a window of the same left and right
+    context (up to (T - max_fill) // 2 characters each side, up to the next [...]): a list of (fill,
+    window, -log p(window)) with the exact left-to-right likelihood of section 9, in nats."""
+    T, j = model.config.block_size, ids.index(UNKNOWN)
+    C = (T - max_fill) // 2
+    right = ids[j + 1:]
+    right = right[:right.index(UNKNOWN)] if UNKNOWN in right else right
+    left, right = ids[max(0, j - C):j], right[:C]
+    rows = []
+    for w in range(1, max_fill + 1):
+        window = infill(model, left + [model.config.vocab_size - 1] * w + right, 1, sampler, generator)   # (1, n)
+        rows.append((window[0, len(left):len(left) + w].tolist(), window, exact_nll(model, window).item() * window.size(1)))
+    return rows
+
+def fill_unknown(model, ids, max_fill, sampler, generator, tok, per_char=False):
+    """Give every [...] of ids, left to right, the fill whose window is likeliest: in total nats, or per
+    character (per_char). A heuristic: the model has no notion of length, and the strings compared
+    differ in length. Each blank's widths and scores go to stderr."""
+    while UNKNOWN in ids:
+        rows = width_candidates(model, ids, max_fill, sampler, generator)
+        score = [nll / (window.size(1) if per_char else 1) for _, window, nll in rows]
+        best = min(range(len(rows)), key=score.__getitem__)
+        print('[...]: ' + ' | '.join(f'{len(f)} {tok.decode(f)!r} {sc:.2f}' for (f, _, _), sc in zip(rows, score))
+              + f' -> width {best + 1}', file=sys.stderr)
+        j = ids.index(UNKNOWN)
+        ids = ids[:j] + rows[best][0] + ids[j + 1:]
     return ids
 
 @torch.no_grad()
@@ -1128,6 +1160,12 @@ def run_generation(args):
     sampler, on_step = sampler_from_args(args, infill=args.infill is not None), show_frames(tok) if args.show else None
     if args.infill is not None:
         ids = parse_infill(args.infill, tok)
+        if UNKNOWN in ids:
+            if args.max_fill >= T:
+                raise CliError(f'--max-fill {args.max_fill} leaves no context in the model\'s window of {T}')
+            if args.num_samples > 1:
+                raise CliError('a [...] blank gets one fill, the likeliest width\'s: drop --num-samples')
+            ids = fill_unknown(model, ids, args.max_fill, sampler, g, tok)
         out = infill(model, ids, args.num_samples, sampler, g, on_step)
     else:
         if args.complete is not None and not args.complete:
@@ -1263,7 +1301,7 @@ def build_parser():
     mode.add_argument('--train', action='store_true', help='train (or --resume) a model (--gpt: the GPT twin)')
     mode.add_argument('--sample', action='store_true', help='generate text from pure noise')
     mode.add_argument('--complete', metavar='PROMPT', help='continue a prompt')
-    mode.add_argument('--infill', metavar='TEXT', help='fill the blanks [___] of a text')
+    mode.add_argument('--infill', metavar='TEXT', help='fill the blanks [___] (or [...]: width unknown) of a text')
     mode.add_argument('--eval', action='store_true', help='the NELBO bound (a GPT: its exact NLL) on the val split')
     mode.add_argument('--score', metavar='FILE', help='bits/char of the text in FILE under the model')
     mode.add_argument('--show-noise', metavar='TEXT', help='print the forward process on TEXT')
@@ -1296,6 +1334,8 @@ def build_parser():
                          help=f'0: argmax ({S.temperature:g}; {INFILL_TEMPERATURE:g} for one --infill)')
     sampler.add_argument('--top-p', type=number(float, 0, 1, lo_open=True), help=f'nucleus sampling ({S.top_p:g}: all)')
     sampler.add_argument('--num-samples', type=positive_int, default=1)
+    sampler.add_argument('--max-fill', type=positive_int, default=MAX_FILL, metavar='N',
+                         help=f'--infill: a [...] blank holds 1 to N characters ({MAX_FILL})')
     sampler.add_argument('--length', type=positive_int, help='characters to generate (default: block_size)')
     sampler.add_argument('--show', action='store_true', default=None, help='watch the denoising, step by step')
     sampler.add_argument('--judge', metavar='DIR', help='score the samples with the GPT checkpoint in DIR')

@@ -621,6 +621,36 @@ def test_parse_infill_blank_is_as_wide_as_its_marker(tok):
     assert tok.decode(ids) == 'To ' + mdlm.MASK_GLYPH * 5 + ' or not to ' + mdlm.MASK_GLYPH * 3 + '!'
     with pytest.raises(mdlm.CliError, match='no blank'):
         mdlm.parse_infill('no blanks here', tok)
+    assert mdlm.parse_infill('a [...] b [__]', tok) == tok.encode('a ') + [mdlm.UNKNOWN] + tok.encode(' b ') + [MASK] * 4
+
+def test_width_candidates_share_one_context_and_score_it_exactly(trained):
+    """Every width's window holds the same left and right context (up to (T - max_fill) // 2 a side,
+    cut at the next [...]) around its fill, and is scored by the exact left-to-right -log p."""
+    model, tok = mdlm.model_from_checkpoint(mdlm.load_checkpoint(os.path.join(trained, 'ckpt.pt')))
+    ids = tok.encode('First Citizen:\nBefore we ') + [mdlm.UNKNOWN] + tok.encode(' any further, hear') + \
+        [mdlm.UNKNOWN] + tok.encode(' me')
+    rows = mdlm.width_candidates(model, ids, 6, mdlm.SamplerConfig(temperature=0), torch.Generator().manual_seed(0))
+    C = (32 - 6) // 2
+    left, right = tok.encode('First Citizen:\nBefore we ')[-C:], tok.encode(' any further, hear')[:C]
+    assert [len(fill) for fill, _, _ in rows] == [1, 2, 3, 4, 5, 6]
+    for fill, window, nll in rows:
+        assert window[0].tolist() == left + fill + right and MASK not in fill
+        assert nll == pytest.approx(mdlm.exact_nll(model, window).item() * window.size(1))
+
+def test_a_blank_of_unknown_width_takes_the_likeliest_width(trained, capsys):
+    """stdout: the text, each [...] filled with 1..--max-fill characters; stderr: one line per blank,
+    the widths tried with their scores, and the width kept, the lowest score."""
+    text = 'To be, or [...] to be: that is the [...].'
+    assert mdlm.main(['--infill', text, '--max-fill', '4', '--out-dir', trained]) == 0
+    captured = capsys.readouterr()
+    out, tried = captured.out.rstrip('\n'), [l for l in captured.err.splitlines() if l.startswith('[...]')]
+    m = re.fullmatch(r'To be, or (.{1,4}) to be: that is the (.{1,4})\.', out, re.S)
+    assert m and mdlm.MASK_GLYPH not in out, out
+    assert len(tried) == 2, captured.err
+    for line, fill in zip(tried, m.groups()):
+        scores = [float(part.rsplit(' ', 1)[1]) for part in line[len('[...]: '):line.rindex(' -> ')].split(' | ')]
+        assert len(scores) == 4 and line.endswith(f'-> width {len(fill)}')
+        assert scores.index(min(scores)) == len(fill) - 1
 
 # -----------------------------------------------------------------------------
 # 9. evaluation
@@ -1253,6 +1283,8 @@ REFUSALS = [
     (['--eval', '--out-dir', '{d}', '--data', '{tmp}/curly.txt'], "'{'"),
     (['--sample', '--exact', '--out-dir', '{d}'], '--exact is for --eval'),
     (['--eval', '--exact', '--out-dir', '{g}'], '--exact means nothing for a GPT'),
+    (['--infill', 'To [...] or not', '--out-dir', '{d}', '--max-fill', '32'], 'leaves no context'),
+    (['--infill', 'To [...] or not', '--out-dir', '{d}', '--num-samples', '2'], 'drop --num-samples'),
     (['--train', '--train-fraction', '1e-5', '--out-dir', '{tmp}/x', *TINY], 'leaves 10 characters; a window needs 33'),
 ]
 
