@@ -151,6 +151,24 @@ def infill_accuracy(model, tok, train_text, val_text, sampler, generator, length
         rows.append((length, exact / n, right / (n * length)))
     return rows
 
+@torch.no_grad()
+def unknown_width_accuracy(model, tok, val_text, sampler, generator, max_fill, lengths=(1, 3, 5), n=100):
+    """The same questions with the width hidden, as --infill's [...] fills them: every width 1..max_fill
+    filled and scored (mdlm.width_candidates), the likeliest kept by total nats or by nats per character.
+    Per length and rule: (the share of widths found, the share of exact words)."""
+    rows = []
+    for length in lengths:
+        hits = {'total': [0, 0], 'per char': [0, 0]}
+        for text, start, word in blanked_words(val_text, length, n):
+            ids = tok.encode(text[:start]) + [mdlm.UNKNOWN] + tok.encode(text[start + length:])
+            candidates = mdlm.width_candidates(model, ids, max_fill, sampler, generator)
+            for rule, per_char in (('total', False), ('per char', True)):
+                fill = min(candidates, key=lambda c: c[2] / (c[1].size(1) if per_char else 1))[0]
+                hits[rule][0] += len(fill) == length
+                hits[rule][1] += tok.decode(fill) == word
+        rows.append((length, {rule: (w / n, e / n) for rule, (w, e) in hits.items()}))
+    return rows
+
 def run_infill_eval(args):
     model, tok, _, device = load(args)
     text = mdlm.load_text(args.data)
@@ -158,9 +176,18 @@ def run_infill_eval(args):
     sampler = mdlm.sampler_from_args(argparse.Namespace(**{**vars(args), 'num_samples': 1}), infill=True)   # one fill
     how = ('ranks every training word of the length (the GPT cannot see past the blank)' if model.config.causal
            else f'fills with --infill\'s sampler: {sampler}')
-    print(f'infill: 100 blanked val words per length, each given with its line and the two before; {how}')
+    print(f'infill: {args.questions} blanked val words per length, each given with its line and the two before; {how}')
     g = torch.Generator(device=device).manual_seed(args.seed)
-    for length, exact, chars in infill_accuracy(model, tok, text[:split], text[split:], sampler, g):
+    if args.unknown_width:
+        if model.config.causal:
+            raise mdlm.CliError('--unknown-width is for a diffusion model (a GPT cannot fill a blank)')
+        print(f'the width hidden ([...], 1 to {args.max_fill} characters tried), {args.questions} words per length:')
+        for length, rules in unknown_width_accuracy(model, tok, text[split:], sampler, g, args.max_fill,
+                                                    n=args.questions):
+            print(f'  {length}-letter words: ' + '; '.join(f'by {rule}: width found {w:.0%}, exact {e:.0%}'
+                                                           for rule, (w, e) in rules.items()))
+        return 0
+    for length, exact, chars in infill_accuracy(model, tok, text[:split], text[split:], sampler, g, n=args.questions):
         print(f'  {length}-letter words: {exact:.0%} exact, {chars:.0%} of letters right')
     return 0
 
@@ -360,6 +387,9 @@ def build_parser():
     mode.add_argument('--plot', nargs='+', metavar='DIR', help='picture: the training curves of each DIR/log.csv')
     mode.add_argument('--noise-levels', action='store_true', help='picture: val cross-entropy per noise level')
     mode.add_argument('--frames', action='store_true', help='picture: nine frames of a sample coming out of noise')
+    p.add_argument('--unknown-width', action='store_true', help='--infill-eval: the same words, width hidden')
+    p.add_argument('--max-fill', type=int, default=mdlm.MAX_FILL, help='--unknown-width: the widest fill tried')
+    p.add_argument('--questions', type=int, default=100, help='--infill-eval: words per length')
     p.add_argument('--png', metavar='FILE', help='the picture\'s file (the picture modes need it; --frontier may)')
     p.add_argument('--out-dir', default='out', help='the model (default out/)')
     p.add_argument('--judge', metavar='DIR', help='--frontier: the GPT checkpoint that scores the samples')

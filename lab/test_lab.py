@@ -94,11 +94,29 @@ def test_infill_accuracy_of_an_oracle_is_100_percent_and_both_kinds_run(text, to
         rows = lab.infill_accuracy(model, tok, text[:200000], text[split:], s, g, lengths=(1, 3), n=2)
         assert [r[0] for r in rows] == [1, 3] and all(0 <= r[1] <= r[2] <= 1 for r in rows)
 
+def test_unknown_width_keeps_the_likeliest_fill_by_total_or_per_character(text, tok, monkeypatch):
+    """Scripted candidates: by total nats the 1-letter fill wins, per character the true 3-letter word."""
+    split = int(0.9 * len(text))
+    _, _, word = lab.blanked_words(text[split:], 3, 1)[0]
+    fills = ['a', 'ab', word, word + 'x']                  # widths 1..4; windows of 20 + width characters
+    nll = [21.0, 30.0, 21.85, 40.0]                        # per char: 1.00, 1.36, 0.95, 1.67
+    monkeypatch.setattr(mdlm, 'width_candidates', lambda model, ids, max_fill, sampler, g: [
+        (tok.encode(f), torch.zeros(1, 20 + len(f)), x) for f, x in zip(fills, nll)])
+    rows = lab.unknown_width_accuracy(None, tok, text[split:], None, None, 4, lengths=(3,), n=1)
+    assert rows == [(3, {'total': (0.0, 0.0), 'per char': (1.0, 1.0)})]
+
+def test_infill_eval_with_the_width_hidden_prints_both_rules(runs, capsys):
+    d, _ = runs
+    assert lab.main(['--infill-eval', '--unknown-width', '--max-fill', '3', '--questions', '2', '--out-dir', d,
+                     '--device', 'cpu']) == 0
+    out = capsys.readouterr().out
+    assert out.count('by total: width found') == 3 and out.count('by per char: width found') == 3, out
+
 def test_infill_eval_prints_the_table_with_the_best_guess(runs, capsys):
     d, _ = runs
     seen = {}
     real = lab.infill_accuracy
-    lab.infill_accuracy = lambda model, tok, tr, va, sampler, g: seen.setdefault('s', sampler) and [(1, 0.5, 0.5)]
+    lab.infill_accuracy = lambda model, tok, tr, va, sampler, g, n: seen.setdefault('s', sampler) and [(1, 0.5, 0.5)]
     try:
         assert lab.main(['--infill-eval', '--out-dir', d, '--device', 'cpu']) == 0
     finally:
