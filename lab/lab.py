@@ -155,10 +155,10 @@ def infill_accuracy(model, tok, train_text, val_text, sampler, generator, length
 def unknown_width_accuracy(model, tok, val_text, sampler, generator, max_fill, lengths=(1, 3, 5), n=100):
     """The same questions with the width hidden, as --infill's [...] fills them: every width 1..max_fill
     filled and scored (mdlm.width_candidates), the likeliest kept by total nats or by nats per character.
-    Per length and rule: (the share of widths found, the share of exact words)."""
+    Per length and rule: (the share of widths found, the share of exact words, the mean width kept)."""
     rows = []
     for length in lengths:
-        hits = {'total': [0, 0], 'per char': [0, 0]}
+        hits = {'total': [0, 0, 0], 'per char': [0, 0, 0]}
         for text, start, word in blanked_words(val_text, length, n):
             ids = tok.encode(text[:start]) + [mdlm.UNKNOWN] + tok.encode(text[start + length:])
             candidates = mdlm.width_candidates(model, ids, max_fill, sampler, generator)
@@ -166,7 +166,8 @@ def unknown_width_accuracy(model, tok, val_text, sampler, generator, max_fill, l
                 fill = min(candidates, key=lambda c: c[2] / (c[1].size(1) if per_char else 1))[0]
                 hits[rule][0] += len(fill) == length
                 hits[rule][1] += tok.decode(fill) == word
-        rows.append((length, {rule: (w / n, e / n) for rule, (w, e) in hits.items()}))
+                hits[rule][2] += len(fill)
+        rows.append((length, {rule: (w / n, e / n, total / n) for rule, (w, e, total) in hits.items()}))
     return rows
 
 def run_infill_eval(args):
@@ -184,8 +185,8 @@ def run_infill_eval(args):
         print(f'the width hidden ([...], 1 to {args.max_fill} characters tried), {args.questions} words per length:')
         for length, rules in unknown_width_accuracy(model, tok, text[split:], sampler, g, args.max_fill,
                                                     n=args.questions):
-            print(f'  {length}-letter words: ' + '; '.join(f'by {rule}: width found {w:.0%}, exact {e:.0%}'
-                                                           for rule, (w, e) in rules.items()))
+            print(f'  {length}-letter words: ' + '; '.join(f'by {rule}: width found {w:.0%} (mean width kept {m:.1f}), '
+                                                           f'exact {e:.0%}' for rule, (w, e, m) in rules.items()))
         return 0
     for length, exact, chars in infill_accuracy(model, tok, text[:split], text[split:], sampler, g, n=args.questions):
         print(f'  {length}-letter words: {exact:.0%} exact, {chars:.0%} of letters right')

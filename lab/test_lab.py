@@ -103,7 +103,7 @@ def test_unknown_width_keeps_the_likeliest_fill_by_total_or_per_character(text, 
     monkeypatch.setattr(mdlm, 'width_candidates', lambda model, ids, max_fill, sampler, g: [
         (tok.encode(f), torch.zeros(1, 20 + len(f)), x) for f, x in zip(fills, nll)])
     rows = lab.unknown_width_accuracy(None, tok, text[split:], None, None, 4, lengths=(3,), n=1)
-    assert rows == [(3, {'total': (0.0, 0.0), 'per char': (1.0, 1.0)})]
+    assert rows == [(3, {'total': (0.0, 0.0, 1.0), 'per char': (1.0, 1.0, 3.0)})]
 
 def test_infill_eval_with_the_width_hidden_prints_both_rules(runs, capsys):
     d, _ = runs
