@@ -313,7 +313,7 @@ def draw_t(batch_size, generator, device, proposal='uniform'):
 
 def gpt_input(x0, start_id):
     """The GPT twin's input, [start] + x0[:-1] ([MASK] is the start token): it predicts the same L
-    characters, and its mean cross-entropy is their exact NLL. NELBO - NLL: the cost of any order."""
+    characters, and its mean cross-entropy is their exact NLL. NELBO - NLL: writing in any order's cost."""
     return torch.cat([torch.full_like(x0[:, :1], start_id), x0[:, :-1]], 1)
 
 if NOTEBOOK:   # demo: untrained, the model guesses uniformly among 65 characters: loss ~ log 65
@@ -620,9 +620,9 @@ from dataclasses import asdict, fields
 
 DATA_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 DATA_SHA256 = '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'
-EVAL_BATCHES = 100
-MAX_FILL = 12         # --infill: the widest fill tried for a blank of unknown width, [...]
-EXACT_BATCHES = 20    # --eval --exact: the training log's 20 x 32 windows (64 passes a window, two orders)      # --eval averages this many batches; the training log, the first eval_iters of them
+EVAL_BATCHES = 100      # --eval averages this many batches; the training log, the first eval_iters of them
+EXACT_BATCHES = 20      # --eval --exact: the first 20 of them (block_size passes a window for each order)
+MAX_FILL = 12           # --infill: the widest fill tried for a blank of unknown width, [...]
 TINY_FP32_ITERS = 2000  # the tiny preset's steps where bf16 is not native: float32 steps cost more
 
 def download_data(path, url=DATA_URL, sha256=DATA_SHA256, opener=urllib.request.urlopen):
@@ -773,14 +773,14 @@ def resume_config(ckpt, args):
         if name in args.explicit and getattr(args, name) != saved[name]:
             asked = flag(name) if isinstance(saved[name], bool) else f'{flag(name)} {getattr(args, name)}'
             raise CliError(f'cannot resume with {asked}: the checkpoint was trained with {name} = {saved[name]}')
-    changed = []
+    changed, saved_args = [], {'train_fraction': 1.0, **ckpt['args']}   # before --train-fraction: all of it
     for name in TRAIN_FLAGS:
-        if name not in ckpt['args']:
+        if name not in saved_args:
             raise CliError(f'the checkpoint predates the setting {name}: train it again')
         if name not in args.explicit:
-            setattr(args, name, ckpt['args'][name])
-        elif getattr(args, name) != ckpt['args'][name]:
-            changed.append(f'{name}: {ckpt["args"][name]} -> {getattr(args, name)}')
+            setattr(args, name, saved_args[name])
+        elif getattr(args, name) != saved_args[name]:
+            changed.append(f'{name}: {saved_args[name]} -> {getattr(args, name)}')
     if args.data == DEFAULT_DATA and ckpt['args'].get('data'):   # the text it was trained on
         args.data = ckpt['args']['data']
     config = ModelConfig(**saved)
@@ -954,9 +954,9 @@ def evaluate_and_save(run, args, fresh):
             if fresh:
                 w.writerow(['step', 'train_loss', 'val_loss', 'val_se', 'seconds'])
             w.writerow([run.it, f'{train_loss:.5f}', f'{val_loss:.5f}', f'{val_se:.5f}', f'{seconds:.1f}'])
-    save_run(run, args)
-    if improved:
+    if improved:     # best first: a crash between the two saves leaves a ckpt.pt that will find it again
         save_run(run, args, os.path.join(args.out_dir, 'best', 'ckpt.pt'))
+    save_run(run, args)
 
 def train(args):
     run, ckpt = start_run(args)
@@ -990,8 +990,9 @@ def train(args):
                 dt = (time.time() - tic) / (run.it - tic_it)
                 run.log(f'step {run.it} | loss {loss.item():.4f} | lr {lr:.1e} | {dt * 1000:.1f}ms | '
                         f'{B * T * world / dt:,.0f} tok/s | eta {dt * (args.max_iters - run.it):.0f}s')
-        run.log(f'done: best val {"nll" if run.config.causal else "nelbo"} {run.best_val:.4f} nats/char '
-                f'(its checkpoint: {args.out_dir}/best/ckpt.pt); latest checkpoint in {run.ckpt_path}')
+        best = os.path.join(args.out_dir, 'best', 'ckpt.pt')
+        run.log(f'done: best val {"nll" if run.config.causal else "nelbo"} {run.best_val:.4f} nats/char'
+                + (f' (its checkpoint: {best})' if os.path.exists(best) else '') + f'; latest checkpoint in {run.ckpt_path}')
         return run.best_val
     except StopRequested:
         check_finite(loss, run.it, run.ckpt_path)
@@ -1031,6 +1032,8 @@ def width_candidates(model, ids, max_fill, sampler, generator):
     window, -log p(window)) with the exact left-to-right likelihood of section 9, in nats."""
     T, j = model.config.block_size, ids.index(UNKNOWN)
     C = (T - max_fill) // 2
+    if C < 1:
+        raise CliError(f'--max-fill {max_fill} leaves no context in the model\'s window of {T}')
     right = ids[j + 1:]
     right = right[:right.index(UNKNOWN)] if UNKNOWN in right else right
     left, right = ids[max(0, j - C):j], right[:C]
@@ -1161,8 +1164,8 @@ def run_generation(args):
     if args.infill is not None:
         ids = parse_infill(args.infill, tok)
         if UNKNOWN in ids:
-            if args.max_fill >= T:
-                raise CliError(f'--max-fill {args.max_fill} leaves no context in the model\'s window of {T}')
+            if tok.mask_id in ids:    # a [___] in a [...]'s window would be filled anew for every width
+                raise CliError('use [___] blanks or [...] blanks in one text, not both')
             if args.num_samples > 1:
                 raise CliError('a [...] blank gets one fill, the likeliest width\'s: drop --num-samples')
             ids = fill_unknown(model, ids, args.max_fill, sampler, g, tok)
@@ -1208,9 +1211,10 @@ def run_eval(args):
     model, tok, ckpt = load_for_inference(args)
     device, causal = next(model.parameters()).device, model.config.causal
     train_data, val_data = (d.to(device) for d in split_data(load_text(args.data), tok, model.config.block_size))
-    train_data = first_fraction(train_data, ckpt['args'].get('train_fraction', 1.0), model.config.block_size)
+    fraction = ckpt['args'].get('train_fraction', 1.0)     # the train figure: the text it trained on
+    train_data = first_fraction(train_data, fraction, model.config.block_size)
     n, B = args.eval_iters or EVAL_BATCHES, args.batch_size or ckpt['args']['batch_size']   # as in training
-    for name, data in (('val', val_data), ('train', train_data)):
+    for name, data in (('val', val_data), ('train' + (f' (its first {fraction:g})' if fraction < 1 else ''), train_data)):
         mean, se = estimate_loss(model, data, n, B)
         what = ('nll', f'perplexity {math.exp(mean):.3f} (exact: a GPT\'s likelihood)') if causal \
             else ('nelbo', f'perplexity <= {math.exp(mean):.3f} (an upper bound: the NELBO bounds -log p)')

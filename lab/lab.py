@@ -159,7 +159,8 @@ def unknown_width_accuracy(model, tok, val_text, sampler, generator, max_fill, l
     rows = []
     for length in lengths:
         hits = {'total': [0, 0, 0], 'per char': [0, 0, 0]}
-        for text, start, word in blanked_words(val_text, length, n):
+        questions = blanked_words(val_text, length, n)
+        for text, start, word in questions:
             ids = tok.encode(text[:start]) + [mdlm.UNKNOWN] + tok.encode(text[start + length:])
             candidates = mdlm.width_candidates(model, ids, max_fill, sampler, generator)
             for rule, per_char in (('total', False), ('per char', True)):
@@ -167,7 +168,8 @@ def unknown_width_accuracy(model, tok, val_text, sampler, generator, max_fill, l
                 hits[rule][0] += len(fill) == length
                 hits[rule][1] += tok.decode(fill) == word
                 hits[rule][2] += len(fill)
-        rows.append((length, {rule: (w / n, e / n, total / n) for rule, (w, e, total) in hits.items()}))
+        n_q = len(questions)
+        rows.append((length, {rule: (w / n_q, e / n_q, total / n_q) for rule, (w, e, total) in hits.items()}))
     return rows
 
 def run_infill_eval(args):
