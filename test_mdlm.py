@@ -846,6 +846,7 @@ def test_the_file_runs_cell_by_cell_as_a_notebook(monkeypatch, capsys):
     assert ns['NOTEBOOK'] is True and ns['DEFAULT_DATA'] == os.path.join(HERE, 'input.txt')
     assert '1,115,394 characters' in out and 't=1.00' in out and 'step 2 | loss' in out, out
     assert f'log 65 = {math.log(65):.3f}' in out and 'val NELBO' in out and 'To be, or not to ' in out, out
+    assert 'exact, left to right' in out, out
     assert mdlm.MASK_GLYPH not in out.split('step 2 | loss')[1], 'every demo after training fills all its masks'
 
 def test_importing_runs_nothing():
