@@ -742,8 +742,10 @@ def load_checkpoint(path):
         reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
         raise CliError(f'{path} is not a loadable checkpoint ({reason})')
     keys = {'model', 'optimizer', 'config', 'vocab', 'iter', 'best_val', 'args', 'rng'}
-    if not isinstance(ckpt, dict) or ckpt.get('format') != FORMAT or not keys <= ckpt.keys():
+    if not isinstance(ckpt, dict) or ckpt.get('format') != FORMAT or not keys <= ckpt.keys() \
+            or not isinstance(ckpt['args'], dict):
         raise CliError(f'{path} is not an mdlm checkpoint')
+    ckpt['args'].setdefault('train_fraction', 1.0)      # saved before --train-fraction: all of the text
     return ckpt
 
 def model_from_checkpoint(ckpt, device='cpu'):
@@ -773,14 +775,14 @@ def resume_config(ckpt, args):
         if name in args.explicit and getattr(args, name) != saved[name]:
             asked = flag(name) if isinstance(saved[name], bool) else f'{flag(name)} {getattr(args, name)}'
             raise CliError(f'cannot resume with {asked}: the checkpoint was trained with {name} = {saved[name]}')
-    changed, saved_args = [], {'train_fraction': 1.0, **ckpt['args']}   # before --train-fraction: all of it
+    changed = []
     for name in TRAIN_FLAGS:
-        if name not in saved_args:
+        if name not in ckpt['args']:
             raise CliError(f'the checkpoint predates the setting {name}: train it again')
         if name not in args.explicit:
-            setattr(args, name, saved_args[name])
-        elif getattr(args, name) != saved_args[name]:
-            changed.append(f'{name}: {saved_args[name]} -> {getattr(args, name)}')
+            setattr(args, name, ckpt['args'][name])
+        elif getattr(args, name) != ckpt['args'][name]:
+            changed.append(f'{name}: {ckpt["args"][name]} -> {getattr(args, name)}')
     if args.data == DEFAULT_DATA and ckpt['args'].get('data'):   # the text it was trained on
         args.data = ckpt['args']['data']
     config = ModelConfig(**saved)
@@ -863,13 +865,14 @@ def start_run(args):
     """Everything a run needs, fresh or resumed from <out-dir>/ckpt.pt: a namespace."""
     rank, world, device = ddp_setup(args.device)
     run = types.SimpleNamespace(rank=rank, world=world, device=device, started=time.time(), it=0,
-                                best_val=float('inf'), ckpt_path=os.path.join(args.out_dir, 'ckpt.pt'))
+                                best_val=float('inf'), ckpt_path=os.path.join(args.out_dir, 'ckpt.pt'),
+                                best_path=os.path.join(args.out_dir, 'best', 'ckpt.pt'))
     run.log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if rank == 0 else (lambda *a: None)
     preset = resolve(args, device)
     ckpt = load_checkpoint(run.ckpt_path) if args.resume else None
     if rank == 0:    # a save killed mid-write leaves its temporary file; this run owns the directory now
-        for stale in glob.glob(os.path.join(glob.escape(args.out_dir), '.ckpt-*.tmp')) + \
-                glob.glob(os.path.join(glob.escape(args.out_dir), 'best', '.ckpt-*.tmp')):
+        for stale in (f for path in (run.ckpt_path, run.best_path)
+                      for f in glob.glob(os.path.join(glob.escape(os.path.dirname(path)), '.ckpt-*.tmp'))):
             with contextlib.suppress(OSError):
                 os.remove(stale)
     # 1) the shape and the training settings: a resumed run's come from its checkpoint
@@ -955,7 +958,7 @@ def evaluate_and_save(run, args, fresh):
                 w.writerow(['step', 'train_loss', 'val_loss', 'val_se', 'seconds'])
             w.writerow([run.it, f'{train_loss:.5f}', f'{val_loss:.5f}', f'{val_se:.5f}', f'{seconds:.1f}'])
     if improved:     # best first: a crash between the two saves leaves a ckpt.pt that will find it again
-        save_run(run, args, os.path.join(args.out_dir, 'best', 'ckpt.pt'))
+        save_run(run, args, run.best_path)
     save_run(run, args)
 
 def train(args):
@@ -990,9 +993,9 @@ def train(args):
                 dt = (time.time() - tic) / (run.it - tic_it)
                 run.log(f'step {run.it} | loss {loss.item():.4f} | lr {lr:.1e} | {dt * 1000:.1f}ms | '
                         f'{B * T * world / dt:,.0f} tok/s | eta {dt * (args.max_iters - run.it):.0f}s')
-        best = os.path.join(args.out_dir, 'best', 'ckpt.pt')
         run.log(f'done: best val {"nll" if run.config.causal else "nelbo"} {run.best_val:.4f} nats/char'
-                + (f' (its checkpoint: {best})' if os.path.exists(best) else '') + f'; latest checkpoint in {run.ckpt_path}')
+                + (f' (its checkpoint: {run.best_path})' if os.path.exists(run.best_path) else '')
+                + f'; latest checkpoint in {run.ckpt_path}')
         return run.best_val
     except StopRequested:
         check_finite(loss, run.it, run.ckpt_path)
@@ -1043,13 +1046,13 @@ def width_candidates(model, ids, max_fill, sampler, generator):
         rows.append((window[0, len(left):len(left) + w].tolist(), window, exact_nll(model, window).item() * window.size(1)))
     return rows
 
-def fill_unknown(model, ids, max_fill, sampler, generator, tok, per_char=False):
-    """Give every [...] of ids, left to right, the fill whose window is likeliest: in total nats, or per
-    character (per_char). A heuristic: the model has no notion of length, and the strings compared
-    differ in length. Each blank's widths and scores go to stderr."""
+def fill_unknown(model, ids, max_fill, sampler, generator, tok):
+    """Give every [...] of ids, left to right, the fill whose window is likeliest in total nats (per
+    character measured worse: lab/README.md). A heuristic: the model has no notion of length, and the
+    strings compared differ in length. Each blank's widths and scores go to stderr."""
     while UNKNOWN in ids:
         rows = width_candidates(model, ids, max_fill, sampler, generator)
-        score = [nll / (window.size(1) if per_char else 1) for _, window, nll in rows]
+        score = [nll for _, _, nll in rows]
         best = min(range(len(rows)), key=score.__getitem__)
         print('[...]: ' + ' | '.join(f'{len(f)} {tok.decode(f)!r} {sc:.2f}' for (f, _, _), sc in zip(rows, score))
               + f' -> width {best + 1}', file=sys.stderr)
@@ -1211,7 +1214,7 @@ def run_eval(args):
     model, tok, ckpt = load_for_inference(args)
     device, causal = next(model.parameters()).device, model.config.causal
     train_data, val_data = (d.to(device) for d in split_data(load_text(args.data), tok, model.config.block_size))
-    fraction = ckpt['args'].get('train_fraction', 1.0)     # the train figure: the text it trained on
+    fraction = ckpt['args']['train_fraction']     # the train figure: the text it trained on
     train_data = first_fraction(train_data, fraction, model.config.block_size)
     n, B = args.eval_iters or EVAL_BATCHES, args.batch_size or ckpt['args']['batch_size']   # as in training
     for name, data in (('val', val_data), ('train' + (f' (its first {fraction:g})' if fraction < 1 else ''), train_data)):
