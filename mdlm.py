@@ -139,7 +139,9 @@ if NOTEBOOK:   # demo: one line of the play, destroyed a little more at each t
 # A transformer that reads xt and predicts x0 at every position: a GPT block for block, except
 #   1) no causal mask: every position attends to every other, in both directions;
 #   2) it may be told the noise level t (use_time), through adaLN: below;
-#   3) the output never predicts [MASK] (MDLM calls this the "SUBS" parameterisation).
+#   3) the output never predicts [MASK] (MDLM calls this the "SUBS" parameterisation);
+#   4) each head's queries and keys are scaled to unit RMS (QK-norm, ViT-22B, OLMo 2): no attention
+#      score exceeds sqrt(head size) however large the weights grow, so a high lr cannot saturate it.
 # The GPT twin, the yardstick, is this network with causal=True (a position sees itself and what
 # is left of it) and no t: it predicts the next character. Positions are rotary (RoPE, as in LLaMA
 # and MDLM): each query and key is turned by an angle proportional to its position, so a score
@@ -169,6 +171,7 @@ class SelfAttention(nn.Module):
     def forward(self, x, rope):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))   # QK-norm (4 above)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)        # q, k, v: (B, nh, T, hs)
         p = self.dropout if self.training else 0.0
         if q.is_cuda or not torch.is_autocast_enabled('cpu'):   # PyTorch's kernel: the same, without storing att
@@ -352,12 +355,11 @@ def batch_loss(model, x0, xt, mask, t, w, objective='nelbo'):
         return masked_ce(logits, x0, mask).sum() / mask.sum().clamp(min=1)
     return nelbo_loss(logits, x0, mask, t, w)
 
-# The update. AdamW scales each weight's step by its own gradient history. Muon (K. Jordan, 2024)
-# treats a matrix as a whole: it replaces the momentum by the nearest orthogonal matrix, so the step
-# moves every direction the matrix maps equally, not mostly the few where the gradient is large.
-# Five Newton-Schulz steps (matmuls only) push the singular values near 1; scaled by 0.2 sqrt(max(
-# rows, cols)) the step has AdamW's typical size: one lr serves both. Muon takes the blocks' matrices,
-# AdamW the rest: the embedding (tied to the head), the time input (MLP, adaLN layers), gains, biases.
+# The update. AdamW scales each weight's step by its own gradient history; Muon (K. Jordan, 2024) steps
+# a matrix by the orthogonal matrix nearest its momentum, moving every direction it maps equally, not
+# mostly the few where the gradient is large. Five Newton-Schulz steps (matmuls only) push the singular
+# values near 1; the scale 0.2 sqrt(max(rows, cols)) gives AdamW's typical step size: one lr serves both.
+# Muon takes the blocks' matrices, AdamW the rest: the embedding (tied to the head), the time input, gains, biases.
 
 def orthogonalize(G, steps=5, dtype=torch.float32):
     """About U V^T for G = U S V^T: Muon's quintic Newton-Schulz iteration, in `dtype`."""
@@ -432,7 +434,6 @@ if NOTEBOOK:   # demo: train the tiny model for DEMO_ITERS steps with the defaul
 #   'confidence'  the k proposals the model is surest of (MaskGIT, LLaDA), k = floor(M / N) per
 #                 step, + 1 in the first M mod N steps: the M masks are done in N steps;
 #   'random'      k proposals chosen at random: 'confidence' without its choice.
-# A small model's ancestral samples read as letter soup; committing the surest first writes words.
 # semi_ar = n (LLaDA's semi-autoregressive blocks): an outer loop hands the steps the first n masks
 # of each row, then the next n, each block a whole schedule of N steps.
 
@@ -555,9 +556,9 @@ def nll_per_seq(model, x0):
     return F.cross_entropy(logits.transpose(1, 2), x0, reduction='none').mean(1)
 
 # An exact likelihood too: section 5's generator with one order, chosen from the visible input only
-# (never the hidden characters). Its probabilities sum to 1 over all strings, so it compares with a
-# GPT's: left to right, it is a GPT inside the diffusion model; 'surest' reveals first where the model
-# is surest. The NELBO averages random orders: a good order can score below it. L passes a window.
+# (never the hidden characters): its probabilities sum to 1 over all strings, as a GPT's do. Left to right
+# it is a GPT inside the diffusion model; 'surest' reveals where the model is surest first. The NELBO
+# averages random orders: a good order can score below it.
 
 def surest(logp, masked):   # (B,): the masked position whose prediction has the highest top probability
     return logp.amax(-1).masked_fill(~masked, float('-inf')).argmax(1)
@@ -704,7 +705,7 @@ def autocast_for(device, dtype='auto'):
 # Checkpoints hold tensors and plain values only (torch.load(weights_only=True) reads them) and
 # are written atomically; --resume continues a run bit for bit; torchrun runs one process per GPU.
 
-FORMAT = 'mdlm-2'
+FORMAT = 'mdlm-3'
 ARCH_FLAGS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'use_time', 'causal')   # fixed by a checkpoint
 TRAIN_FLAGS = ('batch_size', 'max_iters', 'lr', 'eval_interval', 'eval_iters', 'train_fraction', *RECIPE)   # may change on --resume
 FLAG_NAMES = {'causal': 'gpt', 'use_time': 'no_time'}    # dest -> the flag a user types
@@ -742,6 +743,9 @@ def load_checkpoint(path):
         reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
         raise CliError(f'{path} is not a loadable checkpoint ({reason})')
     keys = {'model', 'optimizer', 'config', 'vocab', 'iter', 'best_val', 'args', 'rng'}
+    old = ckpt.get('format') if isinstance(ckpt, dict) else None
+    if isinstance(old, str) and old.startswith('mdlm-') and old != FORMAT:   # the same weights, another network
+        raise CliError(f'{path} was saved by an earlier mdlm.py ({old}; this one reads {FORMAT}): train it again')
     if not isinstance(ckpt, dict) or ckpt.get('format') != FORMAT or not keys <= ckpt.keys() \
             or not isinstance(ckpt['args'], dict):
         raise CliError(f'{path} is not an mdlm checkpoint')

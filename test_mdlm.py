@@ -239,6 +239,18 @@ def test_no_time_model_has_no_adaln_and_ignores_t():
     x = torch.randint(66, (2, 32))
     assert torch.equal(model(x, torch.zeros(2)), model(x, torch.ones(2)))
 
+def test_qk_norm_makes_attention_blind_to_the_size_of_queries_and_keys():
+    """Each head's q and k are scaled to unit RMS: growing the weights that make them changes nothing."""
+    model, x, t = tiny_model(), torch.randint(65, (2, 32)), torch.rand(2)
+    ref = model(x, t)
+    C = model.config.n_embd
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv.weight[:2 * C] *= 10                   # the query and key rows
+        assert torch.allclose(model(x, t), ref, atol=1e-4)
+        model.blocks[0].attn.qkv.weight[2 * C:] *= 10             # the value rows do matter
+        assert not torch.allclose(model(x, t), ref, atol=1e-2)
+
 @pytest.mark.parametrize('causal', [False, True])
 def test_attention_formula_matches_the_fused_kernel(causal):
     q, k, v = torch.randn(3, 2, 3, 10, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
@@ -1092,6 +1104,10 @@ def test_damaged_checkpoints_are_refused(trained, tmp_path, capsys):
         torch.save(obj, tmp_path / name / 'ckpt.pt')
         assert mdlm.main(['--sample', '--out-dir', str(tmp_path / name), '--device', 'cpu']) == 1
         assert 'not an mdlm checkpoint' in capsys.readouterr().err
+    (tmp_path / 'older').mkdir()      # before QK-norm: its weights would load into a network they never trained
+    torch.save({**torch.load(tmp_path / 'keys' / 'ckpt.pt'), 'format': 'mdlm-2'}, tmp_path / 'older' / 'ckpt.pt')
+    assert mdlm.main(['--sample', '--out-dir', str(tmp_path / 'older'), '--device', 'cpu']) == 1
+    assert f'saved by an earlier mdlm.py (mdlm-2; this one reads {mdlm.FORMAT}): train it again' in capsys.readouterr().err
 
 class Evil:
     def __reduce__(self):
