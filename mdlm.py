@@ -743,11 +743,10 @@ def load_checkpoint(path):
         reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
         raise CliError(f'{path} is not a loadable checkpoint ({reason})')
     keys = {'model', 'optimizer', 'config', 'vocab', 'iter', 'best_val', 'args', 'rng'}
-    old = ckpt.get('format') if isinstance(ckpt, dict) else None
-    if isinstance(old, str) and old.startswith('mdlm-') and old != FORMAT:   # the same weights, another network
-        raise CliError(f'{path} was saved by an earlier mdlm.py ({old}; this one reads {FORMAT}): train it again')
-    if not isinstance(ckpt, dict) or ckpt.get('format') != FORMAT or not keys <= ckpt.keys() \
-            or not isinstance(ckpt['args'], dict):
+    fmt = ckpt.get('format') if isinstance(ckpt, dict) else None
+    if isinstance(fmt, str) and fmt.startswith('mdlm-') and fmt != FORMAT:   # the same weights, another network
+        raise CliError(f'{path} was saved by an earlier mdlm.py ({fmt}; this one reads {FORMAT}): train it again')
+    if fmt != FORMAT or not keys <= ckpt.keys() or not isinstance(ckpt['args'], dict):
         raise CliError(f'{path} is not an mdlm checkpoint')
     ckpt['args'].setdefault('train_fraction', 1.0)      # saved before --train-fraction: all of the text
     return ckpt
@@ -1056,12 +1055,11 @@ def fill_unknown(model, ids, max_fill, sampler, generator, tok):
     strings compared differ in length. Each blank's widths and scores go to stderr."""
     while UNKNOWN in ids:
         rows = width_candidates(model, ids, max_fill, sampler, generator)
-        score = [nll for _, _, nll in rows]
-        best = min(range(len(rows)), key=score.__getitem__)
-        print('[...]: ' + ' | '.join(f'{len(f)} {tok.decode(f)!r} {sc:.2f}' for (f, _, _), sc in zip(rows, score))
-              + f' -> width {best + 1}', file=sys.stderr)
+        fill = min(rows, key=lambda row: row[2])[0]          # rows: (fill, window, nats), widths 1, 2, ...
+        print('[...]: ' + ' | '.join(f'{len(f)} {tok.decode(f)!r} {nll:.2f}' for f, _, nll in rows)
+              + f' -> width {len(fill)}', file=sys.stderr)
         j = ids.index(UNKNOWN)
-        ids = ids[:j] + rows[best][0] + ids[j + 1:]
+        ids = ids[:j] + fill + ids[j + 1:]
     return ids
 
 @torch.no_grad()
