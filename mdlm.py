@@ -61,7 +61,6 @@ class SamplerConfig:         # section 7 explains each
 
 INFILL_TEMPERATURE = 0.0   # one fill of a blank is the model's best guess; several fills are drawn at 1
 SEED = 1337         # training's batches and noise, and sampling, unless --seed says otherwise
-EPS = 1e-3          # training draws t from [EPS, 1): t = 0 would mask nothing, its 1/t weight (5) infinite
 EVAL_SEED = 1234    # every evaluation scores the same windows with the same masks
 MASK_GLYPH = '■'    # how a [MASK] is drawn on screen
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)) if '__file__' in globals()
@@ -119,10 +118,11 @@ if NOTEBOOK:   # demo: the text (`python mdlm.py --train` downloads it), its voc
 # t = 0 is the text, t = 1 a row of masks. [MASK] absorbs: a masked character stays masked as t
 # grows. That is all the corruption, and why undoing it is simple: say what was under each mask.
 
-def forward_mask(x0, t, mask_id, generator=None):
-    """x0: (B, T) clean ids; t: (B,) mask probabilities. Returns xt (B, T) and the mask (B, T)."""
+def forward_mask(x0, t, mask_id, generator=None, exact=False):
+    """x0: (B, T) clean ids; t: (B,) mask probabilities. Returns xt (B, T) and the mask (B, T).
+    exact: mask exactly t T characters of a row (the t T smallest u), a uniformly random set of them."""
     u = torch.rand(x0.shape, generator=generator, device=x0.device)
-    mask = u < t[:, None]
+    mask = u.argsort(1).argsort(1) < (t * x0.size(1)).round()[:, None] if exact else u < t[:, None]
     return x0.masked_fill(mask, mask_id), mask
 
 def show_noise(text, tok, seed=0):
@@ -140,8 +140,9 @@ if NOTEBOOK:   # demo: one line of the play, destroyed a little more at each t
 #   1) no causal mask: every position attends to every other, in both directions;
 #   2) it may be told the noise level t (use_time), through adaLN: below;
 #   3) the output never predicts [MASK] (MDLM calls this the "SUBS" parameterisation);
-#   4) each head's queries and keys are scaled to unit RMS (QK-norm, ViT-22B, OLMo 2): no attention
-#      score exceeds sqrt(head size) however large the weights grow, so a high lr cannot saturate it.
+#   4) each head's keys are scaled to RMS 1 and its queries to RMS 2 (QK-norm, ViT-22B, OLMo 2): no
+#      score exceeds 2 sqrt(head size) however large the weights grow, so a high lr cannot saturate
+#      the softmax. With both at RMS 1 (a cap of sqrt(32) = 5.7 here) the model learned less.
 # The GPT twin, the yardstick, is this network with causal=True (a position sees itself and what
 # is left of it) and no t: it predicts the next character. Positions are rotary (RoPE, as in LLaMA
 # and MDLM): each query and key is turned by an angle proportional to its position, so a score
@@ -171,7 +172,7 @@ class SelfAttention(nn.Module):
     def forward(self, x, rope):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))   # QK-norm (4 above)
+        q, k = 2 * F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))   # QK-norm (4 above)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)        # q, k, v: (B, nh, T, hs)
         p = self.dropout if self.training else 0.0
         if q.is_cuda or not torch.is_autocast_enabled('cpu'):   # PyTorch's kernel: the same, without storing att
@@ -274,12 +275,14 @@ if NOTEBOOK:   # demo: the tiny preset's model, untrained
 # pays the mean loss over k masked positions; per character, that mean averaged over k = 1..L.
 # Each order is a proper generator, and by Jensen's inequality (-log of an average <= the average
 # of -log) the average over orders bounds -log p of their mixture: the NELBO (negative ELBO).
-# Training draws t, not k. About tL characters are masked at time t: sum their losses, divide by
-# tL. That is the 1/t weight, exactly right for a model that ignores t (for one that uses it, the
-# expectation below is MDLM's definition): the chance of k masks, integrated with weight 1/t, is
+# So training draws k, masks exactly k characters at random (forward_mask, exact), sums their
+# losses and divides by k; the model is told t = k / L, the fraction masked. MDLM draws t instead,
+# masks each character with chance t (section 3) and divides by tL; the chance of k masks,
+# integrated with that 1/t weight, is
 #     integral_0^1 (1/t) C(L,k) t^k (1-t)^(L-k) dt = C(L,k) (k-1)! (L-k)! / L! = 1/k,
-# so  E_t~U(0,1)[ 1/(t L) * sum over masked i of -log p(x0_i | xt) ]  is the NELBO (MDLM eq. 10).
-# MDLM is BERT with a random mask rate and a 1/t weight. That is the whole trick.
+# so  E_t~U(0,1)[ 1/(t L) * sum over masked i of -log p(x0_i | xt) ]  is the same NELBO (MDLM
+# eq. 10), with the noise of a random count added. MDLM is BERT with a random number of masks and
+# a 1/k weight. That is the whole trick.
 
 def masked_ce(logits, x0, mask):
     """Cross-entropy at the masked positions only: (B, T) with zeros elsewhere."""
@@ -287,32 +290,32 @@ def masked_ce(logits, x0, mask):
 
 def nelbo_loss(logits, x0, mask, t, weight=None):
     """The training loss: the NELBO above, averaged over the batch, in nats per character.
-    weight (B,): each row's importance weight when t was not drawn uniformly (see draw_t)."""
+    t = k / L; weight (B,): each row's importance weight when k was not drawn uniformly (see draw_t)."""
     per_seq = masked_ce(logits, x0, mask).sum(1) / (t * x0.size(1))   # (B,)
     return (per_seq if weight is None else per_seq * weight).mean()
 
-# Which t to train on. Uniform t, stratified: one u ~ U(0, 1) shifted by i / B for row i (each t is
-# still uniform, their mean far steadier), kept above EPS. The refinement, importance sampling: any
-# density q(t), a proposal, may pick the t's if each row is weighed by (uniform density) / q(t): the
-# same mean, other noise. 'cosine' draws u uniform and t = 1 - cos(pi u / 2) (the cosine noise
-# schedule of other papers, seen for what it is: in continuous time the NELBO does not depend on the
-# schedule, so a schedule only decides which t training sees). Its density, q(t) = (2 / pi) /
-# sqrt(t (2 - t)), puts more rows at small t, where few characters are masked and each weighs much.
+# Which k to train on. Uniform k, stratified: one u ~ U(0, 1) shifted by i / B for row i, k = 1 +
+# floor(u L) (each k still uniform, their mean far steadier). The refinement, importance sampling:
+# any distribution q(k), a proposal, may pick the k's if each row is weighed by (1 / L) / q(k): the
+# same mean, other noise. 'cosine' draws u uniform, t = 1 - cos(pi u / 2) (the cosine noise schedule
+# of other papers, seen for what it is: in continuous time the NELBO does not depend on the
+# schedule, so a schedule only decides which t training sees) and k = tL rounded up: q(k) = P(t <=
+# k / L) - P(t <= (k - 1) / L), with P(t <= s) = (2 / pi) acos(1 - s). It puts more rows at small k,
+# where few characters are masked and each weighs much.
 
 def stratified(batch_size, generator, device):
     """(B,) numbers in [0, 1), one in each 1/B-th of it."""
     u = torch.rand(1, generator=generator, device=device)
     return (u + torch.arange(batch_size, device=device) / batch_size) % 1
 
-def draw_t(batch_size, generator, device, proposal='uniform'):
-    """t (B,) in [EPS, 1] from `proposal`, and each row's weight 1 / ((1 - EPS) q(t)): 1 for uniform t."""
+def draw_t(batch_size, L, generator, device, proposal='uniform'):
+    """t = k / L (B,), k masks of L drawn from `proposal`, and each row's weight 1 / (L q(k)): 1 for uniform k."""
     u = stratified(batch_size, generator, device)
     if proposal == 'uniform':
-        return EPS + (1 - EPS) * u, torch.ones(batch_size, device=device)
-    u_lo = (2 / math.pi) * math.acos(1 - EPS)                       # the u that gives t = EPS
-    t = 1 - torch.cos(math.pi / 2 * (u_lo + (1 - u_lo) * u))
-    q = (2 / math.pi) / torch.sqrt(t * (2 - t)) / (1 - u_lo)        # the density of t on [EPS, 1]
-    return t, 1 / ((1 - EPS) * q)
+        return (1 + (u * L).floor()).clamp(max=L) / L, torch.ones(batch_size, device=device)
+    k = torch.ceil(L * (1 - torch.cos(math.pi / 2 * u))).clamp(1, L)
+    cdf = lambda s: (2 / math.pi) * torch.acos(1 - s)               # P(the cosine t <= s)
+    return k / L, 1 / (L * (cdf(k / L) - cdf((k - 1) / L)))
 
 def gpt_input(x0, start_id):
     """The GPT twin's input, [start] + x0[:-1] ([MASK] is the start token): it predicts the same L
@@ -322,8 +325,8 @@ def gpt_input(x0, start_id):
 if NOTEBOOK:   # demo: untrained, the model guesses uniformly among 65 characters: loss ~ log 65
     gen = torch.Generator().manual_seed(SEED)
     x0 = get_batch(train_data, 32, config.block_size, gen)
-    t, _ = draw_t(32, gen, 'cpu')
-    xt, mask = forward_mask(x0, t, tok.mask_id, gen)
+    t, _ = draw_t(32, config.block_size, gen, 'cpu')
+    xt, mask = forward_mask(x0, t, tok.mask_id, gen, exact=True)
     print(f'NELBO {nelbo_loss(model(xt, t), x0, mask, t).item():.3f}, log 65 = {math.log(65):.3f}')
 
 # %% 6. One training step --------------------------------------------------------------------------
@@ -338,12 +341,12 @@ def get_lr(it, lr, min_lr, warmup_iters, max_iters):
     return lr - frac * (lr - min_lr)                             # 3) linear decay to min_lr
 
 def training_batch(data, batch_size, block_size, mask_id, generator, causal, proposal='uniform'):
-    """(x0, xt, mask, t, weight): x0 masked at a t from `proposal`, or for a GPT x0 shifted (and Nones)."""
+    """(x0, xt, mask, t, weight): x0 with k = tL masks, k from `proposal`, or for a GPT x0 shifted (and Nones)."""
     x0 = get_batch(data, batch_size, block_size, generator)
     if causal:
         return x0, gpt_input(x0, mask_id), None, None, None
-    t, w = draw_t(batch_size, generator, data.device, proposal)
-    xt, mask = forward_mask(x0, t, mask_id, generator)
+    t, w = draw_t(batch_size, block_size, generator, data.device, proposal)
+    xt, mask = forward_mask(x0, t, mask_id, generator, exact=True)
     return x0, xt, mask, t, w
 
 def batch_loss(model, x0, xt, mask, t, w, objective='nelbo'):
@@ -534,20 +537,15 @@ if NOTEBOOK:   # demo: continue a prompt; fill a blank from both sides
 
 # %% 9. Evaluation ---------------------------------------------------------------------------------
 # An honest likelihood: held-out text, the same windows and masks every time, low variance.
-# Training's estimator (random t, Bernoulli masks) is unbiased but noisy. Here the mask count k is
-# drawn directly (section 5: the NELBO averages the mean masked loss over k = 1..L), spread evenly
-# over 1..L across the batch, weighed by 1/k (LLaDA's estimator): exactly the NELBO for a model that
-# ignores t. One that uses t is told t = k / L: the random-order generator's cost with that input.
+# The estimator is training's (section 5) with uniform k, spread evenly over 1..L across the batch,
+# weighed by 1/k (LLaDA's estimator): the random-order generator's cost, the model told t = k / L.
 
 @torch.no_grad()
 def nelbo_per_seq(model, x0, generator):
-    """The exact-k estimate per window (B,), nats per character: exactly k_b of its L positions masked."""
-    (B, L), device = x0.shape, x0.device
-    k = 1 + (stratified(B, generator, device) * L).long().clamp(max=L - 1)          # (B,) in 1..L
-    rank = torch.rand(B, L, generator=generator, device=device).argsort(1).argsort(1)   # of a random order
-    mask = rank < k[:, None]                                                         # (B, L): k_b masks
-    logits = model(x0.masked_fill(mask, model.config.vocab_size - 1), k / L)
-    return masked_ce(logits, x0, mask).sum(1) / k
+    """The NELBO's estimate per window (B,), nats per character: exactly k_b of its L positions masked."""
+    t, _ = draw_t(*x0.shape, generator, x0.device)
+    xt, mask = forward_mask(x0, t, model.config.vocab_size - 1, generator, exact=True)
+    return masked_ce(model(xt, t), x0, mask).sum(1) / (t * x0.size(1))
 
 @torch.no_grad()
 def nll_per_seq(model, x0):

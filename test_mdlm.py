@@ -183,6 +183,14 @@ def test_mask_rate_matches_t(t):
     assert abs(rate - t) <= 5 * math.sqrt(t * (1 - t) / mask.numel()) + 1e-9, (rate, t)
     assert torch.equal(xt == MASK, mask), 'exactly the masked positions hold [MASK]'
 
+def test_exact_masks_hold_t_times_length_at_uniformly_random_places():
+    t = torch.tensor([1 / 8, 3 / 8, 1.0] * 4000)
+    _, mask = mdlm.forward_mask(torch.zeros(12000, 8, dtype=torch.long), t, MASK,
+                                torch.Generator().manual_seed(2), exact=True)
+    assert torch.equal(mask.sum(1), (t * 8).long()), 'exactly t T masks in every row'
+    rate = mask[1::3].float().mean(0)                                  # 3 of 8: each place alike
+    assert (rate - 3 / 8).abs().max() < 5 * math.sqrt(3 / 8 * 5 / 8 / 4000), rate
+
 def test_mask_rate_is_per_sample():
     t = torch.tensor([0.1, 0.9])
     _, mask = mdlm.forward_mask(torch.zeros(2, 20000, dtype=torch.long), t, MASK, torch.Generator().manual_seed(1))
@@ -291,15 +299,15 @@ def test_attention_dropout_is_on_in_training_only():
 # -----------------------------------------------------------------------------
 # 5. the loss
 
-def test_stratified_uniform_t_is_in_range_with_weight_one():
-    B = 16
-    t, w = mdlm.draw_t(B, torch.Generator().manual_seed(3), 'cpu')
-    assert (w == 1).all(), 'uniform t: every weight is 1'
-    assert ((t >= mdlm.EPS) & (t <= 1)).all()
-    bins = ((t - mdlm.EPS) / (1 - mdlm.EPS) * B).floor().long()
-    assert sorted(bins.tolist()) == list(range(B)), 'one t in each of B equal strata'
-    many = torch.cat([mdlm.draw_t(B, torch.Generator().manual_seed(s), 'cpu')[0] for s in range(500)])
-    assert abs(many.mean().item() - (1 + mdlm.EPS) / 2) < 0.01, 'still uniform on [eps, 1]'
+def test_stratified_uniform_k_hits_every_count_once_with_weight_one():
+    L = 16
+    for seed in range(20):
+        t, w = mdlm.draw_t(L, L, torch.Generator().manual_seed(seed), 'cpu')
+        assert (w == 1).all(), 'uniform k: every weight is 1'
+        assert sorted((t * L).round().long().tolist()) == list(range(1, L + 1)), 'L strata: each k once'
+    many = torch.cat([mdlm.draw_t(5, L, torch.Generator().manual_seed(s), 'cpu')[0] for s in range(2000)])
+    counts = torch.bincount((many * L).round().long(), minlength=L + 1)[1:].double()
+    assert (counts - len(many) / L).abs().max() < 5 * math.sqrt(len(many) / L), 'still uniform on 1..L'
 
 def test_untrained_loss_is_about_log_65(text, tok):
     """[MASK] is out of the softmax, so chance level is log 65 = 4.17 (log 66 = 4.19 with it)."""
@@ -307,8 +315,8 @@ def test_untrained_loss_is_about_log_65(text, tok):
     model = tiny_model()
     g = torch.Generator().manual_seed(0)
     x0 = mdlm.get_batch(data, 512, 32, g)    # the 1/t weight makes one small batch's NELBO noisy
-    t = mdlm.draw_t(512, g, 'cpu')[0]
-    xt, mask = mdlm.forward_mask(x0, t, MASK, g)
+    t = mdlm.draw_t(512, 32, g, 'cpu')[0]
+    xt, mask = mdlm.forward_mask(x0, t, MASK, g, exact=True)
     with torch.no_grad():
         logits = model(xt, t)
         nelbo = mdlm.nelbo_loss(logits, x0, mask, t).item()
@@ -339,8 +347,8 @@ def test_loss_falls_when_overfitting_one_batch(text, tok):
     model = tiny_model().train()
     g = torch.Generator().manual_seed(0)
     x0 = mdlm.get_batch(data, 8, 32, g)
-    t = mdlm.draw_t(8, g, 'cpu')[0]
-    xt, mask = mdlm.forward_mask(x0, t, MASK, g)             # one fixed batch, one fixed noise draw
+    t = mdlm.draw_t(8, 32, g, 'cpu')[0]
+    xt, mask = mdlm.forward_mask(x0, t, MASK, g, exact=True)   # one fixed batch, one fixed noise draw
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(80):
@@ -380,11 +388,17 @@ def test_cosine_proposal_keeps_the_nelbo_unbiased():
     assert abs(proposal_losses('cosine', weighted=False).mean() - ref.mean()) > 5 * tol, \
         'the test has power: without the 1/q weight the mean moves far off'
 
-def test_cosine_proposal_draws_more_small_t_and_stays_in_range():
-    t, w = mdlm.draw_t(10000, torch.Generator().manual_seed(0), 'cpu', 'cosine')
-    assert t.min() >= mdlm.EPS - 1e-7 and t.max() <= 1
+def test_cosine_proposal_draws_more_small_k_and_weighs_each_k_by_one_over_l_q():
+    L, n = 16, 200000
+    t, w = mdlm.draw_t(n, L, torch.Generator().manual_seed(0), 'cpu', 'cosine')
+    k = (t * L).round().long()
+    assert torch.allclose(t * L, k.float()) and k.min() == 1 and k.max() == L, 'whole counts, 1..L'
     assert (t < 0.1).float().mean() > 0.2, 'uniform would give 10%'
-    assert w.mean().item() == pytest.approx(1.0, abs=0.02), 'importance weights average to 1'
+    q = torch.bincount(k, minlength=L + 1)[1:].double() / n                  # the proposal, measured
+    for j in range(1, L + 1):                                                 # each k has one weight,
+        assert w[k == j].unique().numel() == 1                                # 1 / (L q(k)), so the weights
+        assert w[k == j][0].item() == pytest.approx(1 / (L * q[j - 1].item()), rel=0.03)   # undo q
+    assert w.mean().item() == pytest.approx(1.0, abs=0.01), 'importance weights average to 1'
 
 # -----------------------------------------------------------------------------
 # 6. one training step
@@ -800,7 +814,7 @@ def test_exact_likelihoods_sum_to_one_over_all_strings(use_time):
     peek = lambda logp, masked: logp.gather(-1, ALL_STRINGS[..., None])[..., 0].masked_fill(~masked, -math.inf).argmax(1)
     assert total(None) == pytest.approx(1, abs=1e-4)
     assert total(mdlm.surest) == pytest.approx(1, abs=1e-4)
-    assert abs(total(peek) - 1) > 0.05, 'peeking is no generator: its "probabilities" do not sum to 1'
+    assert abs(total(peek) - 1) > 0.01, 'peeking is no generator: its "probabilities" do not sum to 1'
     p = torch.exp(-4 * mdlm.exact_nll(model, ALL_STRINGS, mdlm.surest))
     assert p.max() / p.min() > 100, 'the model is sharp: the strings differ in probability'
 
