@@ -119,8 +119,8 @@ if NOTEBOOK:   # demo: the text (`python mdlm.py --train` downloads it), its voc
 # grows. That is all the corruption, and why undoing it is simple: say what was under each mask.
 
 def forward_mask(x0, t, mask_id, generator=None, exact=False):
-    """x0: (B, T) clean ids; t: (B,) mask probabilities. Returns xt (B, T) and the mask (B, T).
-    exact: mask exactly t T characters of a row (the t T smallest u), a uniformly random set of them."""
+    """x0: (B, T) clean ids; t: (B,) mask rates. Returns xt (B, T) and the mask (B, T): each character
+    whose u < t, or with exact (training, section 5) the round(tT) smallest u, a uniformly random set."""
     u = torch.rand(x0.shape, generator=generator, device=x0.device)
     mask = u.argsort(1).argsort(1) < (t * x0.size(1)).round()[:, None] if exact else u < t[:, None]
     return x0.masked_fill(mask, mask_id), mask
@@ -141,8 +141,8 @@ if NOTEBOOK:   # demo: one line of the play, destroyed a little more at each t
 #   2) it may be told the noise level t (use_time), through adaLN: below;
 #   3) the output never predicts [MASK] (MDLM calls this the "SUBS" parameterisation);
 #   4) each head's keys are scaled to RMS 1 and its queries to RMS 2 (QK-norm, ViT-22B, OLMo 2): no
-#      score exceeds 2 sqrt(head size) however large the weights grow, so a high lr cannot saturate
-#      the softmax. With both at RMS 1 (a cap of sqrt(32) = 5.7 here) the model learned less.
+#      score exceeds 2 sqrt(head size) however large the weights grow, so a high lr cannot blow the
+#      scores up. With both at RMS 1 (in the tiny preset a cap of sqrt(32) = 5.7) it learned less.
 # The GPT twin, the yardstick, is this network with causal=True (a position sees itself and what
 # is left of it) and no t: it predicts the next character. Positions are rotary (RoPE, as in LLaMA
 # and MDLM): each query and key is turned by an angle proportional to its position, so a score
@@ -184,7 +184,7 @@ class SelfAttention(nn.Module):
 # adaLN, "adaptive LayerNorm" (DiT, the diffusion transformer): each block turns t's embedding
 # into a shift and a scale of its LayerNorms' outputs, h = LN(x) * (1 + scale(t)) + shift(t),
 # from a layer that starts at zero (DiT's adaLN-Zero, without its gates): at step 0 t does nothing.
-# Is t needed? The fraction masked in the input is close to t: without it, the model learns as much.
+# Is t needed? The input holds exactly tL masks (sections 5, 7): the model could count them itself.
 
 TIME_DIM = 128   # width of the time embedding that feeds every block's adaLN
 
@@ -268,21 +268,21 @@ if NOTEBOOK:   # demo: the tiny preset's model, untrained
     print(f'{model.num_params() / 1e6:.2f}M parameters, {config}')
 
 # %% 5. The loss -----------------------------------------------------------------------------------
-# The intuitive recipe: draw t uniformly, mask, average the cross-entropy over all the batch's
+# The intuitive recipe: mask a uniform share, average the cross-entropy over all the batch's
 # masked positions. It trains a fine denoiser, but its number is no likelihood. For one, picture a
 # generator that reveals one character at a time in a random order, paying -log p(x0_i | what is
 # revealed) for each. With k characters hidden it reveals any of them with equal chance, so it
 # pays the mean loss over k masked positions; per character, that mean averaged over k = 1..L.
 # Each order is a proper generator, and by Jensen's inequality (-log of an average <= the average
 # of -log) the average over orders bounds -log p of their mixture: the NELBO (negative ELBO).
-# So training draws k, masks exactly k characters at random (forward_mask, exact), sums their
-# losses and divides by k; the model is told t = k / L, the fraction masked. MDLM draws t instead,
-# masks each character with chance t (section 3) and divides by tL; the chance of k masks,
-# integrated with that 1/t weight, is
+# So training draws k in 1..L, masks exactly k characters at random (forward_mask, exact), tells
+# the model t = k / L (the fraction masked, as the sampler will) and pays, per character,
+#     E_k~U{1..L}[ (1/k) * sum over the k masked i of -log p(x0_i | xt) ]      (the NELBO).
+# MDLM draws t ~ U(0, 1) instead, masks each character with chance t (section 3), divides by tL;
+# the chance of k masks, integrated with that 1/t weight, is
 #     integral_0^1 (1/t) C(L,k) t^k (1-t)^(L-k) dt = C(L,k) (k-1)! (L-k)! / L! = 1/k,
-# so  E_t~U(0,1)[ 1/(t L) * sum over masked i of -log p(x0_i | xt) ]  is the same NELBO (MDLM
-# eq. 10), with the noise of a random count added. MDLM is BERT with a random number of masks and
-# a 1/k weight. That is the whole trick.
+# so for a model that ignores t its mean is the same NELBO (MDLM eq. 10), plus the noise of a
+# random count. MDLM is BERT with a random number of masks and a 1/k weight. That is the whole trick.
 
 def masked_ce(logits, x0, mask):
     """Cross-entropy at the masked positions only: (B, T) with zeros elsewhere."""
@@ -294,14 +294,14 @@ def nelbo_loss(logits, x0, mask, t, weight=None):
     per_seq = masked_ce(logits, x0, mask).sum(1) / (t * x0.size(1))   # (B,)
     return (per_seq if weight is None else per_seq * weight).mean()
 
-# Which k to train on. Uniform k, stratified: one u ~ U(0, 1) shifted by i / B for row i, k = 1 +
-# floor(u L) (each k still uniform, their mean far steadier). The refinement, importance sampling:
-# any distribution q(k), a proposal, may pick the k's if each row is weighed by (1 / L) / q(k): the
-# same mean, other noise. 'cosine' draws u uniform, t = 1 - cos(pi u / 2) (the cosine noise schedule
-# of other papers, seen for what it is: in continuous time the NELBO does not depend on the
-# schedule, so a schedule only decides which t training sees) and k = tL rounded up: q(k) = P(t <=
-# k / L) - P(t <= (k - 1) / L), with P(t <= s) = (2 / pi) acos(1 - s). It puts more rows at small k,
-# where few characters are masked and each weighs much.
+# Which k to train on. Uniform k, stratified: one u ~ U(0, 1) shifted by i / B (mod 1) for row i,
+# k = 1 + floor(u L): each k still uniform, their mean far steadier. The refinement, importance
+# sampling: any q(k) > 0 on 1..L, a proposal, may pick the k's if each row is weighed by
+# (1 / L) / q(k): the same mean, other noise. 'cosine' turns the same u into t = 1 - cos(pi u / 2)
+# (other papers' cosine noise schedule: in continuous time the NELBO ignores the schedule, which
+# only decides which t training sees) and k = ceil(tL), so q(k) = P(t <= k/L) - P(t <= (k-1)/L)
+# with P(t <= s) = (2 / pi) acos(1 - s). It draws small k more often and weighs them less (u = 0
+# gives k = 0, counted as 1).
 
 def stratified(batch_size, generator, device):
     """(B,) numbers in [0, 1), one in each 1/B-th of it."""
@@ -542,10 +542,10 @@ if NOTEBOOK:   # demo: continue a prompt; fill a blank from both sides
 
 @torch.no_grad()
 def nelbo_per_seq(model, x0, generator):
-    """The NELBO's estimate per window (B,), nats per character: exactly k_b of its L positions masked."""
+    """The NELBO's estimate per window (B,), nats per character: exactly k_b = t_b L of its L positions masked."""
     t, _ = draw_t(*x0.shape, generator, x0.device)
     xt, mask = forward_mask(x0, t, model.config.vocab_size - 1, generator, exact=True)
-    return masked_ce(model(xt, t), x0, mask).sum(1) / (t * x0.size(1))
+    return masked_ce(model(xt, t), x0, mask).sum(1) / mask.sum(1)
 
 @torch.no_grad()
 def nll_per_seq(model, x0):
@@ -703,7 +703,7 @@ def autocast_for(device, dtype='auto'):
 # Checkpoints hold tensors and plain values only (torch.load(weights_only=True) reads them) and
 # are written atomically; --resume continues a run bit for bit; torchrun runs one process per GPU.
 
-FORMAT = 'mdlm-3'
+FORMAT = 'mdlm-4'
 ARCH_FLAGS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'use_time', 'causal')   # fixed by a checkpoint
 TRAIN_FLAGS = ('batch_size', 'max_iters', 'lr', 'eval_interval', 'eval_iters', 'train_fraction', *RECIPE)   # may change on --resume
 FLAG_NAMES = {'causal': 'gpt', 'use_time': 'no_time'}    # dest -> the flag a user types
@@ -1191,8 +1191,8 @@ def run_generation(args):
 
 @torch.no_grad()
 def ce_per_noise_level(model, data, ts, n_batches, batch_size, seed=EVAL_SEED):
-    """Masked CE (nats per masked char) at fixed t, every t on the same windows: how hard each
-    noise level is. Its integral over t is the NELBO (the 1/t weight cancels the tL masks)."""
+    """Masked CE (nats per masked char) at fixed t, exactly tL masks as in training, every t on the same
+    windows: how hard each noise level is. Its mean over t = k/L, k = 1..L, is the NELBO (1/k cancels k)."""
     model.eval()
     g = torch.Generator(device=data.device).manual_seed(seed + 1)
     rows = []
@@ -1201,8 +1201,8 @@ def ce_per_noise_level(model, data, ts, n_batches, batch_size, seed=EVAL_SEED):
         total, count = 0.0, 0
         for _ in range(n_batches):
             x0 = get_batch(data, batch_size, model.config.block_size, windows)
-            tt = torch.full((batch_size,), t, device=data.device)
-            xt, mask = forward_mask(x0, tt, model.config.vocab_size - 1, g)
+            tt = torch.full((batch_size,), round(t * x0.size(1)) / x0.size(1), device=data.device)
+            xt, mask = forward_mask(x0, tt, model.config.vocab_size - 1, g, exact=True)
             total += masked_ce(model(xt, tt), x0, mask).sum().item()
             count += mask.sum().item()
         rows.append(total / max(count, 1))
@@ -1368,7 +1368,7 @@ def resolve(args, device):
     for k, v in values.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
-    if args.loss == 'naive':             # the first recipe as taught (the lab sets it): t uniform
+    if args.loss == 'naive':             # the first recipe as taught (the lab sets it): k uniform
         args.t_proposal = 'uniform'
     if args.n_embd % args.n_head or (args.n_embd // args.n_head) % 2:
         raise CliError(f'--n-embd {args.n_embd} must split into --n-head {args.n_head} heads of even size')

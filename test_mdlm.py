@@ -188,8 +188,9 @@ def test_exact_masks_hold_t_times_length_at_uniformly_random_places():
     _, mask = mdlm.forward_mask(torch.zeros(12000, 8, dtype=torch.long), t, MASK,
                                 torch.Generator().manual_seed(2), exact=True)
     assert torch.equal(mask.sum(1), (t * 8).long()), 'exactly t T masks in every row'
-    rate = mask[1::3].float().mean(0)                                  # 3 of 8: each place alike
-    assert (rate - 3 / 8).abs().max() < 5 * math.sqrt(3 / 8 * 5 / 8 / 4000), rate
+    sets = torch.bincount((mask[1::3].long() << torch.arange(8)).sum(1), minlength=256)   # 3 of 8
+    assert (sets > 0).sum() == math.comb(8, 3), 'every set of 3 places occurs'
+    assert (sets[sets > 0] - 4000 / 56).abs().max() < 5 * math.sqrt(4000 / 56), 'each as often'
 
 def test_mask_rate_is_per_sample():
     t = torch.tensor([0.1, 0.9])
@@ -247,10 +248,17 @@ def test_no_time_model_has_no_adaln_and_ignores_t():
     x = torch.randint(66, (2, 32))
     assert torch.equal(model(x, torch.zeros(2)), model(x, torch.ones(2)))
 
-def test_qk_norm_makes_attention_blind_to_the_size_of_queries_and_keys():
-    """Each head's q and k are scaled to unit RMS: growing the weights that make them changes nothing."""
+def test_qk_norm_makes_attention_blind_to_the_size_of_queries_and_keys(monkeypatch):
+    """Each head's q reaches the attention at RMS 2 and k at RMS 1 (RoPE keeps lengths): growing
+    the weights that make them changes nothing."""
+    seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(mdlm.F, 'scaled_dot_product_attention', lambda q, k, v, **kw: seen.append((q, k)) or sdpa(q, k, v, **kw))
     model, x, t = tiny_model(), torch.randint(65, (2, 32)), torch.rand(2)
     ref = model(x, t)
+    rms = lambda a: a.pow(2).mean(-1).sqrt()
+    assert len(seen) == model.config.n_layer
+    assert all(torch.allclose(rms(q), torch.tensor(2.0), atol=1e-3) and torch.allclose(rms(k), torch.tensor(1.0), atol=1e-3)
+               for q, k in seen)
     C = model.config.n_embd
     with torch.no_grad():
         for block in model.blocks:
@@ -314,7 +322,7 @@ def test_untrained_loss_is_about_log_65(text, tok):
     data = torch.tensor(tok.encode(text[:100000]))
     model = tiny_model()
     g = torch.Generator().manual_seed(0)
-    x0 = mdlm.get_batch(data, 512, 32, g)    # the 1/t weight makes one small batch's NELBO noisy
+    x0 = mdlm.get_batch(data, 512, 32, g)    # the 1/k weight makes one small batch's NELBO noisy
     t = mdlm.draw_t(512, 32, g, 'cpu')[0]
     xt, mask = mdlm.forward_mask(x0, t, MASK, g, exact=True)
     with torch.no_grad():
@@ -393,11 +401,11 @@ def test_cosine_proposal_draws_more_small_k_and_weighs_each_k_by_one_over_l_q():
     t, w = mdlm.draw_t(n, L, torch.Generator().manual_seed(0), 'cpu', 'cosine')
     k = (t * L).round().long()
     assert torch.allclose(t * L, k.float()) and k.min() == 1 and k.max() == L, 'whole counts, 1..L'
-    assert (t < 0.1).float().mean() > 0.2, 'uniform would give 10%'
     q = torch.bincount(k, minlength=L + 1)[1:].double() / n                  # the proposal, measured
+    assert q[0].item() == pytest.approx(2 / math.pi * math.acos(1 - 1 / L), rel=1e-3), 'k = 1: 0.226, not 1/16'
     for j in range(1, L + 1):                                                 # each k has one weight,
         assert w[k == j].unique().numel() == 1                                # 1 / (L q(k)), so the weights
-        assert w[k == j][0].item() == pytest.approx(1 / (L * q[j - 1].item()), rel=0.03)   # undo q
+        assert w[k == j][0].item() == pytest.approx(1 / (L * q[j - 1].item()), rel=0.005)  # undo q
     assert w.mean().item() == pytest.approx(1.0, abs=0.01), 'importance weights average to 1'
 
 # -----------------------------------------------------------------------------
@@ -1118,10 +1126,10 @@ def test_damaged_checkpoints_are_refused(trained, tmp_path, capsys):
         torch.save(obj, tmp_path / name / 'ckpt.pt')
         assert mdlm.main(['--sample', '--out-dir', str(tmp_path / name), '--device', 'cpu']) == 1
         assert 'not an mdlm checkpoint' in capsys.readouterr().err
-    (tmp_path / 'older').mkdir()      # before QK-norm: its weights would load into a network they never trained
-    torch.save({**torch.load(tmp_path / 'keys' / 'ckpt.pt'), 'format': 'mdlm-2'}, tmp_path / 'older' / 'ckpt.pt')
+    (tmp_path / 'older').mkdir()      # an earlier network: its weights would load into one they never trained
+    torch.save({**torch.load(tmp_path / 'keys' / 'ckpt.pt'), 'format': 'mdlm-3'}, tmp_path / 'older' / 'ckpt.pt')
     assert mdlm.main(['--sample', '--out-dir', str(tmp_path / 'older'), '--device', 'cpu']) == 1
-    assert f'saved by an earlier mdlm.py (mdlm-2; this one reads {mdlm.FORMAT}): train it again' in capsys.readouterr().err
+    assert f'saved by an earlier mdlm.py (mdlm-3; this one reads {mdlm.FORMAT}): train it again' in capsys.readouterr().err
 
 class Evil:
     def __reduce__(self):
