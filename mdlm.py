@@ -1074,60 +1074,6 @@ def gpt_generate(model, prefix, length, num_samples, temperature=1.0, top_p=1.0,
         out = torch.cat([out, tokens[:, None]], 1)
     return out
 
-@torch.no_grad()
-def gpt_nll_of_text(model, ids):
-    """-log p of every character of ids (B, N) under a GPT, nats, (B, N): each character predicted
-    from the start token and up to block_size - 1 characters before it (gpt_generate's windows)."""
-    T, start = model.config.block_size, model.config.vocab_size - 1
-    B, N = ids.shape
-    first = min(N, T)                        # the first T characters: one pass, [start] + ids
-    logits = model(gpt_input(ids[:, :first], start), None)
-    nll = [F.cross_entropy(logits.transpose(1, 2), ids[:, :first], reduction='none')]
-    if N > T:                                # character j >= T: [start] + ids[j-T+1 : j], last position
-        ctx = ids[:, 1:N - 1].unfold(1, T - 1, 1).reshape(-1, T - 1)    # (B * (N - T), T - 1)
-        x = torch.cat([torch.full((len(ctx), 1), start, device=ids.device), ctx], 1)
-        last = torch.cat([model(chunk, None)[:, -1] for chunk in x.split(512)])   # (B * (N - T), V)
-        nll.append(F.cross_entropy(last, ids[:, T:].reshape(-1), reduction='none').view(B, N - T))
-    return torch.cat(nll, 1)
-
-def unigram_entropy_bits(ids):
-    """Entropy in bits of the character frequencies of one text: about 4.4 for a line of
-    Shakespeare, 0 for one character repeated. A sampler that repeats itself scores low here."""
-    p = torch.bincount(ids).float()
-    p = p[p > 0] / len(ids)
-    return -(p * p.log2()).sum().item()
-
-@torch.no_grad()
-def judge_figures(judge, rows, n_prompt=0):
-    """(bits/char of rows[:, n_prompt:] under the judge, pooled; their unigram entropy, averaged)."""
-    nll = gpt_nll_of_text(judge, rows)[:, n_prompt:]                  # (B, L): the generated part only
-    entropy = sum(unigram_entropy_bits(r) for r in rows[:, n_prompt:]) / len(rows)
-    return nll.mean().item() / math.log(2), entropy
-
-def real_val_text(args, tok, like):
-    """As many seeded val windows as `like` has rows, as long as its rows: the reference."""
-    val_data = split_data(load_text(args.data), tok, like.size(1))[1]
-    return get_batch(val_data, like.size(0), like.size(1), torch.Generator().manual_seed(args.seed)).to(like.device)
-
-def load_judge(out_dir, tok, device):
-    """--judge DIR: the GPT checkpoint that scores samples; it must read the same characters."""
-    judge, judge_tok = model_from_checkpoint(load_checkpoint(os.path.join(out_dir, 'ckpt.pt')), device)
-    if not judge.config.causal:
-        raise CliError(f'{out_dir}/ckpt.pt is a diffusion model; a judge must be a GPT '
-                       f'(train one with: python mdlm.py --train --gpt)')
-    if judge_tok.itos != tok.itos:
-        raise CliError(f'the judge in {out_dir} was trained on another vocabulary than the model')
-    return judge
-
-def judge_report(judge, tok, out, n_prompt, args):
-    """Generative perplexity, as MDLM and SEDD report it, in bits/char: how likely the judge (a GPT)
-    finds the generated characters. Text that repeats itself also scores low, so the unigram
-    entropy stands beside it, and both figures for as many real val texts of the same length."""
-    (b, e), (rb, re_) = judge_figures(judge, out, n_prompt), judge_figures(judge, real_val_text(args, tok, out), n_prompt)
-    return (f'judge {args.judge}: samples {b:.3f} bits/char, unigram entropy {e:.2f} bits | '
-            f'real val text {rb:.3f} bits/char, entropy {re_:.2f} bits '
-            f'({out.size(0)} x {out.size(1) - n_prompt} chars each)')
-
 def load_for_inference(args):
     device = pick_device(args.device)
     ckpt = load_checkpoint(os.path.join(args.out_dir, 'ckpt.pt'))
@@ -1159,9 +1105,6 @@ def run_generation(args):
     T, device = model.config.block_size, next(model.parameters()).device
     if model.config.causal and args.infill is not None:
         raise CliError('a GPT cannot fill blanks: it never sees the text to the right of one; use a diffusion model')
-    if args.judge is not None and args.infill is not None:
-        raise CliError('--judge scores --sample and --complete, not --infill')
-    judge = load_judge(args.judge, tok, device) if args.judge is not None else None
     g = torch.Generator(device=device).manual_seed(args.seed)
     sampler, on_step = sampler_from_args(args, infill=args.infill is not None), show_frames(tok) if args.show else None
     if args.infill is not None:
@@ -1185,8 +1128,6 @@ def run_generation(args):
         else:
             out = generate_text(model, ids, args.length or T, args.num_samples, sampler, g, on_step)
     sys.stdout.write(('\n' + '=' * 40 + '\n').join(tok.decode(row.tolist()) for row in out) + '\n')
-    if judge is not None:
-        print(judge_report(judge, tok, out, len(ids), args), file=sys.stderr)
     return 0
 
 @torch.no_grad()
@@ -1345,7 +1286,6 @@ def build_parser():
                          help=f'--infill: a [...] blank holds 1 to N characters ({MAX_FILL})')
     sampler.add_argument('--length', type=positive_int, help='characters to generate (default: block_size)')
     sampler.add_argument('--show', action='store_true', default=None, help='watch the denoising, step by step')
-    sampler.add_argument('--judge', metavar='DIR', help='score the samples with the GPT checkpoint in DIR')
     common = p.add_argument_group('common')
     common.add_argument('--data', default=DEFAULT_DATA, help='UTF-8 text (Tiny Shakespeare, downloaded if absent)')
     common.add_argument('--out-dir', help='where the checkpoint lives (default out/; out-gpt/ for --train --gpt)')

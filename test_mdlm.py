@@ -769,7 +769,6 @@ def test_gpt_nll_is_the_sum_of_next_character_log_probabilities():
             context = torch.cat([torch.tensor([[MASK]]), x0[:, :i]], 1)     # start + the characters before i
             total -= gpt(context, None)[0, -1].log_softmax(-1)[x0[0, i]].item()
     assert mdlm.nll_per_seq(gpt, x0).item() == pytest.approx(total / x0.size(1), abs=1e-5)
-    assert mdlm.gpt_nll_of_text(gpt, x0).sum().item() == pytest.approx(total, abs=1e-4)
 
 # -----------------------------------------------------------------------------
 # the file: a lesson, then the harness; a notebook too
@@ -1241,7 +1240,7 @@ def test_score_a_file_under_either_kind(trained_gpt, trained, tmp_path, capsys):
     assert mdlm.main(['--score', str(f), '--out-dir', trained_gpt, '--device', 'cpu']) == 0
     assert f'{expect:.4f} bits/char' in capsys.readouterr().out
 
-def test_cli_gpt_modes_and_the_judge(trained_gpt, trained, capsys):
+def test_cli_gpt_modes(trained_gpt, capsys):
     base = ['--out-dir', trained_gpt, '--device', 'cpu', '--seed', '3']
     assert mdlm.main(['--sample', '--length', '40', '--num-samples', '2', *base]) == 0
     samples = capsys.readouterr().out.split('\n' + '=' * 40 + '\n')
@@ -1251,22 +1250,6 @@ def test_cli_gpt_modes_and_the_judge(trained_gpt, trained, capsys):
     assert mdlm.main(['--eval', '--eval-iters', '2', '--batch-size', '8', *base]) == 0
     out = capsys.readouterr().out
     assert 'val nll:' in out and 'perplexity' in out and 'exact' in out and 't=0.1' not in out
-    assert mdlm.main(['--sample', '--length', '40', '--num-samples', '2', '--out-dir', trained, '--device', 'cpu',
-                      '--judge', trained_gpt]) == 0
-    err = capsys.readouterr().err
-    assert 'bits/char' in err and 'entropy' in err and 'real val text' in err
-
-def test_gpt_scores_long_text_with_a_sliding_window():
-    """Past block_size each character is predicted from the start token and the block_size - 1 before it."""
-    gpt = tiny_gpt(seed=1, block_size=8)
-    ids = torch.randint(65, (2, 20), generator=torch.Generator().manual_seed(2))
-    nll = mdlm.gpt_nll_of_text(gpt, ids)
-    assert nll.shape == (2, 20)
-    with torch.no_grad():
-        for j in (8, 13, 19):
-            x = torch.cat([torch.full((2, 1), MASK), ids[:, j - 7:j]], 1)
-            expect = -gpt(x, None)[:, -1].log_softmax(-1).gather(1, ids[:, j:j + 1])[:, 0]
-            assert torch.allclose(nll[:, j], expect, atol=1e-5), j
 
 def test_gpt_generate_writes_left_to_right_past_the_context():
     gpt = tiny_gpt(block_size=8)
@@ -1278,32 +1261,6 @@ def test_gpt_generate_writes_left_to_right_past_the_context():
     greedy = mdlm.gpt_generate(gpt, [1], 1, 1, temperature=0)
     with torch.no_grad():
         assert greedy[0, 1] == gpt(torch.tensor([[MASK, 1]]), None)[0, -1].argmax()
-
-def test_unigram_entropy():
-    assert mdlm.unigram_entropy_bits(torch.full((50,), 7)) == 0
-    assert mdlm.unigram_entropy_bits(torch.arange(8).repeat(4)) == pytest.approx(3.0)
-
-def test_judge_prefers_real_text_to_shuffled(text, tok):
-    """A GPT trained a little already finds real text likelier than the same characters shuffled."""
-    data = torch.tensor(tok.encode(text[:200000]))
-    gpt = tiny_gpt(block_size=32).train()
-    opt = torch.optim.AdamW(gpt.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(60):
-        mdlm.train_step(gpt, [opt], mdlm.training_batch(data, 32, 32, MASK, g, True), 3e-3)
-    gpt.eval()
-    real = mdlm.get_batch(data, 8, 64, g)
-    shuffled = real[:, torch.randperm(64, generator=g)]
-    assert mdlm.gpt_nll_of_text(gpt, real).mean() < mdlm.gpt_nll_of_text(gpt, shuffled).mean() - 0.1
-
-def test_judge_with_another_vocabulary_is_refused(trained, tmp_path):
-    data = tmp_path / 'abc.txt'
-    data.write_text('abcab cabca bcabc\n' * 400)
-    assert mdlm.main(['--train', '--gpt', '--max-iters', '1', '--eval-iters', '1', '--n-layer', '1', '--n-head', '2',
-                      '--n-embd', '16', '--block-size', '16', '--batch-size', '4', '--device', 'cpu',
-                      '--data', str(data), '--out-dir', str(tmp_path / 'abc')]) == 0
-    one_line_error(run_cli('--sample', '--out-dir', trained, '--judge', str(tmp_path / 'abc'), '--device', 'cpu'),
-                   'another vocabulary')
 
 # every refusal: one line on stderr, exit 1; {d} is the diffusion model, {g} the GPT, {tmp} a fresh directory
 REFUSALS = [
@@ -1325,8 +1282,6 @@ REFUSALS = [
     (['--sample', '--out-dir', '{g}', '--steps', '8'], '--steps means nothing for a GPT'),
     (['--eval', '--out-dir', '{g}', '--rule', 'ancestral'], '--rule means nothing for a GPT'),
     (['--infill', 'To [___] or not', '--out-dir', '{g}'], 'cannot fill blanks'),
-    (['--infill', 'To [___] or not', '--out-dir', '{d}', '--judge', '{g}'], '--judge scores --sample'),
-    (['--sample', '--out-dir', '{d}', '--judge', '{d}'], 'a judge must be a GPT'),
     (['--sample', '--gpt', '--out-dir', '{g}'], '--gpt is for --train'),
     (['--eval', '--out-dir', '{d}', '--data', '{tmp}/curly.txt'], "'{'"),
     (['--sample', '--exact', '--out-dir', '{d}'], '--exact is for --eval'),

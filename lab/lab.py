@@ -2,6 +2,7 @@
 lab.py: the measurements behind the README, kept out of the lesson. It imports mdlm and adds
 nothing to it. Run from the project root, after `python mdlm.py --train` and `--train --gpt`:
 
+    python lab/lab.py --samples --judge out-gpt --num-samples 16 --length 256 --seed 0 [--out-dir out-gpt]
     python lab/lab.py --frontier --judge out-gpt --num-samples 16 --length 128 --png pictures/frontier.png
     python lab/lab.py --infill-eval                       # the default model: 1/3/5-letter blanks
     python lab/lab.py --infill-eval --out-dir out-gpt     # the GPT, ranking every training word
@@ -19,6 +20,7 @@ before them; lab/README.md gives each with its figure and the commit that measur
 
 import argparse
 import ast
+import math
 import os
 import re
 import sys
@@ -61,6 +63,73 @@ def load(args):
     return model, tok, ckpt, next(model.parameters()).device
 
 
+# --- the judge: generative perplexity ---------------------------------------------------------------
+# A GPT checkpoint scores generated text, as MDLM and SEDD report it: bits per character the judge
+# finds in each generated character given what stands before it. Text that repeats itself also
+# scores well, so the unigram entropy stands beside it, and both figures for real val text.
+
+@torch.no_grad()
+def gpt_nll_of_text(model, ids):
+    """-log p of every character of ids (B, N) under a GPT, nats, (B, N): each character predicted
+    from the start token and up to block_size - 1 characters before it (gpt_generate's windows)."""
+    T, start = model.config.block_size, model.config.vocab_size - 1
+    B, N = ids.shape
+    first = min(N, T)                        # the first T characters: one pass, [start] + ids
+    logits = model(mdlm.gpt_input(ids[:, :first], start), None)
+    nll = [F.cross_entropy(logits.transpose(1, 2), ids[:, :first], reduction='none')]
+    if N > T:                                # character j >= T: [start] + ids[j-T+1 : j], last position
+        ctx = ids[:, 1:N - 1].unfold(1, T - 1, 1).reshape(-1, T - 1)    # (B * (N - T), T - 1)
+        x = torch.cat([torch.full((len(ctx), 1), start, device=ids.device), ctx], 1)
+        last = torch.cat([model(chunk, None)[:, -1] for chunk in x.split(512)])   # (B * (N - T), V)
+        nll.append(F.cross_entropy(last, ids[:, T:].reshape(-1), reduction='none').view(B, N - T))
+    return torch.cat(nll, 1)
+
+def unigram_entropy_bits(ids):
+    """Entropy in bits of the character frequencies of one text: about 4.4 for a line of
+    Shakespeare, 0 for one character repeated. A sampler that repeats itself scores low here."""
+    p = torch.bincount(ids).float()
+    p = p[p > 0] / len(ids)
+    return -(p * p.log2()).sum().item()
+
+@torch.no_grad()
+def judge_figures(judge, rows):
+    """(bits/char of rows (B, L) under the judge, pooled; their unigram entropy, averaged)."""
+    entropy = sum(unigram_entropy_bits(r) for r in rows) / len(rows)
+    return gpt_nll_of_text(judge, rows).mean().item() / math.log(2), entropy
+
+def real_val_text(args, tok, like):
+    """As many seeded val windows as `like` has rows, as long as its rows: the reference."""
+    val_data = mdlm.split_data(mdlm.load_text(args.data), tok, like.size(1))[1]
+    return mdlm.get_batch(val_data, like.size(0), like.size(1), torch.Generator().manual_seed(args.seed)).to(like.device)
+
+def load_judge(out_dir, tok, device):
+    """--judge DIR: the GPT checkpoint that scores samples; it must read the same characters."""
+    if out_dir is None:
+        raise mdlm.CliError('give --judge DIR: the GPT checkpoint that scores the samples')
+    judge, judge_tok = mdlm.model_from_checkpoint(mdlm.load_checkpoint(os.path.join(out_dir, 'ckpt.pt')), device)
+    if not judge.config.causal:
+        raise mdlm.CliError(f'{out_dir}/ckpt.pt is a diffusion model; a judge must be a GPT '
+                            f'(train one with: python mdlm.py --train --gpt)')
+    if judge_tok.itos != tok.itos:
+        raise mdlm.CliError(f'the judge in {out_dir} was trained on another vocabulary than the model')
+    return judge
+
+def run_samples(args):
+    """--samples: what `python mdlm.py --sample` writes with the same flags and seed, then its judged
+    figures beside those of as many real val texts of the same length (on stderr)."""
+    model, tok, _, device = load(args)
+    judge = load_judge(args.judge, tok, device)
+    B, L, s = args.num_samples, args.length or model.config.block_size, mdlm.sampler_from_args(args)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    out = mdlm.gpt_generate(model, [], L, B, s.temperature, s.top_p, g) if model.config.causal \
+        else mdlm.generate_text(model, [], L, B, s, g)
+    sys.stdout.write(('\n' + '=' * 40 + '\n').join(tok.decode(row.tolist()) for row in out) + '\n')
+    (b, e), (rb, re_) = judge_figures(judge, out), judge_figures(judge, real_val_text(args, tok, out))
+    print(f'judge {args.judge}: samples {b:.3f} bits/char, unigram entropy {e:.2f} bits | real val text '
+          f'{rb:.3f} bits/char, entropy {re_:.2f} bits ({B} x {L} chars each)', file=sys.stderr)
+    return 0
+
+
 # --- the sampler frontier ---------------------------------------------------------------------------
 
 def run_frontier(args):
@@ -69,20 +138,18 @@ def run_frontier(args):
     model, tok, _, device = load(args)
     if model.config.causal:
         raise mdlm.CliError(f'{args.out_dir}/ckpt.pt is a GPT: --frontier compares the diffusion sampler\'s settings')
-    if args.judge is None:
-        raise mdlm.CliError('--frontier needs --judge DIR: the GPT checkpoint that scores the samples')
-    judge = mdlm.load_judge(args.judge, tok, device)
+    judge = load_judge(args.judge, tok, device)
     B, L = args.num_samples, args.length or 2 * model.config.block_size
     calls, rows = counting(model), []
     for name, fields in FRONTIER:
         calls[0] = 0
         s = mdlm.SamplerConfig(**fields)
         out = mdlm.generate_text(model, [], L, B, s, torch.Generator(device=device).manual_seed(args.seed))
-        rows.append((name + (' (default)' if s == mdlm.SamplerConfig() else ''), *mdlm.judge_figures(judge, out),
+        rows.append((name + (' (default)' if s == mdlm.SamplerConfig() else ''), *judge_figures(judge, out),
                      calls[0] / (B * L)))
     out = mdlm.gpt_generate(judge, [], L, B, generator=torch.Generator(device=device).manual_seed(args.seed))
-    rows.append(('the GPT twin (judge) itself', *mdlm.judge_figures(judge, out), 1.0))
-    rows.append(('real val text', *mdlm.judge_figures(judge, mdlm.real_val_text(args, tok, out)), float('nan')))
+    rows.append(('the GPT twin (judge) itself', *judge_figures(judge, out), 1.0))
+    rows.append(('real val text', *judge_figures(judge, real_val_text(args, tok, out)), float('nan')))
     print(f'{B} samples x {L} chars, seed {args.seed}; judge {args.judge}')
     print(f'{"setting":46} {"bits/char":>9} {"entropy":>8} {"calls/char":>10}')
     for name, bits, entropy, per_char in rows:
@@ -382,6 +449,7 @@ def build_parser():
                                 'Also: --recipe KEY=VALUE ... -- MDLM_FLAGS trains with settings that have no flag.',
                                 allow_abbrev=False)
     mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument('--samples', action='store_true', help='mdlm.py --sample\'s samples, scored with --judge DIR (a GPT)')
     mode.add_argument('--frontier', action='store_true', help='score sampler settings with --judge DIR (a GPT)')
     mode.add_argument('--infill-eval', action='store_true', help='fill 100 blanked val words of 1, 3 and 5 letters')
     mode.add_argument('--bench', action='store_true', help='training step and sampling speed')
@@ -395,7 +463,7 @@ def build_parser():
     p.add_argument('--questions', type=int, default=100, help='--infill-eval: words per length')
     p.add_argument('--png', metavar='FILE', help='the picture\'s file (the picture modes need it; --frontier may)')
     p.add_argument('--out-dir', default='out', help='the model (default out/)')
-    p.add_argument('--judge', metavar='DIR', help='--frontier: the GPT checkpoint that scores the samples')
+    p.add_argument('--judge', metavar='DIR', help='--samples, --frontier: the GPT checkpoint that scores the samples')
     p.add_argument('--num-samples', type=int, default=16)
     p.add_argument('--length', type=int, help='characters per sample (default: block_size; --frontier: twice it)')
     p.add_argument('--rule', choices=['confidence', 'ancestral', 'random'])
@@ -413,7 +481,7 @@ def build_parser():
     p.add_argument('--seed', type=int, default=mdlm.SEED)
     return p
 
-MODES = {'frontier': run_frontier, 'infill_eval': run_infill_eval, 'bench': run_bench, 'eval_windows': run_eval_windows,
+MODES = {'samples': run_samples, 'frontier': run_frontier, 'infill_eval': run_infill_eval, 'bench': run_bench, 'eval_windows': run_eval_windows,
          'show_noise': run_show_noise,
          'plot': run_plot, 'noise_levels': run_noise_levels, 'frames': run_frames}
 PICTURES = ('show_noise', 'plot', 'noise_levels', 'frames')

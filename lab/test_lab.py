@@ -167,3 +167,66 @@ def test_eval_windows_scores_the_same_windows_as_eval_at_the_context(runs, capsy
     assert lab.main(['--eval-windows', '16', '--out-dir', g, '--device', 'cpu']) == 0
     assert 'val nll on windows of 16' in capsys.readouterr().out
     assert lab.main(['--eval-windows', '64', '--out-dir', d, '--device', 'cpu']) == 1
+
+
+# --- the judge ---------------------------------------------------------------------------------------
+
+def tiny_gpt(seed=0, block_size=32):
+    torch.manual_seed(seed)
+    return mdlm.MDLM(mdlm.ModelConfig(vocab_size=66, block_size=block_size, n_layer=2, n_head=2, n_embd=32,
+                                      dropout=0.0, use_time=False, causal=True)).eval()
+
+def test_gpt_scores_long_text_with_a_sliding_window():
+    """Past block_size each character is predicted from the start token and the block_size - 1 before it."""
+    gpt = tiny_gpt(seed=1, block_size=8)
+    ids = torch.randint(65, (2, 20), generator=torch.Generator().manual_seed(2))
+    nll = lab.gpt_nll_of_text(gpt, ids)
+    assert nll.shape == (2, 20)
+    assert torch.allclose(nll[:, :8].mean(1), mdlm.nll_per_seq(gpt, ids[:, :8]), atol=1e-5), 'within the context: the NLL'
+    with torch.no_grad():
+        for j in (8, 13, 19):
+            x = torch.cat([torch.full((2, 1), 65), ids[:, j - 7:j]], 1)
+            expect = -gpt(x, None)[:, -1].log_softmax(-1).gather(1, ids[:, j:j + 1])[:, 0]
+            assert torch.allclose(nll[:, j], expect, atol=1e-5), j
+
+def test_unigram_entropy():
+    assert lab.unigram_entropy_bits(torch.full((50,), 7)) == 0
+    assert lab.unigram_entropy_bits(torch.arange(8).repeat(4)) == pytest.approx(3.0)
+
+def test_judge_prefers_real_text_to_shuffled(text, tok):
+    """A GPT trained a little already finds real text likelier than the same characters shuffled."""
+    data = torch.tensor(tok.encode(text[:200000]))
+    gpt = tiny_gpt(block_size=32).train()
+    opt = torch.optim.AdamW(gpt.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        mdlm.train_step(gpt, [opt], mdlm.training_batch(data, 32, 32, 65, g, True), 3e-3)
+    gpt.eval()
+    real = mdlm.get_batch(data, 8, 64, g)
+    shuffled = real[:, torch.randperm(64, generator=g)]
+    assert lab.gpt_nll_of_text(gpt, real).mean() < lab.gpt_nll_of_text(gpt, shuffled).mean() - 0.1
+
+def test_a_judge_must_be_a_gpt_of_the_same_vocabulary(runs, tmp_path, capsys):
+    d, g = runs
+    data = tmp_path / 'abc.txt'
+    data.write_text('abcab cabca bcabc\n' * 400)
+    assert mdlm.main(['--train', '--gpt', '--max-iters', '1', '--eval-iters', '1', '--n-layer', '1', '--n-head', '2',
+                      '--n-embd', '16', '--block-size', '16', '--batch-size', '4', '--device', 'cpu',
+                      '--data', str(data), '--out-dir', str(tmp_path / 'abc')]) == 0
+    capsys.readouterr()
+    for judge, needle in ((str(tmp_path / 'abc'), 'another vocabulary'), (d, 'a judge must be a GPT'), (None, 'give --judge DIR')):
+        assert lab.main(['--samples', '--out-dir', d, '--device', 'cpu', *(['--judge', judge] if judge else [])]) == 1
+        err = capsys.readouterr().err
+        assert 'Traceback' not in err and err.strip().splitlines()[-1].startswith('error:') and needle in err, err
+
+def test_samples_are_mdlm_samples_judged(runs, capsys):
+    """--samples writes what `mdlm.py --sample` writes with the same flags and seed, then the judged figures."""
+    d, g = runs
+    for model in (d, g):
+        flags = ['--out-dir', model, '--num-samples', '2', '--length', '40', '--seed', '3', '--device', 'cpu']
+        assert mdlm.main(['--sample', *flags]) == 0
+        expected = capsys.readouterr().out
+        assert lab.main(['--samples', '--judge', g, *flags]) == 0
+        out, err = capsys.readouterr()
+        assert out == expected and 'samples' in err and 'bits/char' in err and 'real val text' in err, err
+
