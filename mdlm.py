@@ -45,9 +45,9 @@ PRESETS = {
     'base': dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, use_time=True,
                  batch_size=64, max_iters=5000, lr=1e-3, eval_interval=250, eval_iters=50),
     'tiny': dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, use_time=True,
-                 batch_size=32, max_iters=4700, lr=3e-3, eval_interval=500, eval_iters=20),
+                 batch_size=32, max_iters=5000, lr=3e-3, eval_interval=500, eval_iters=20),
 }
-# Shared: lr warms up over warmup_iters, holds, then falls linearly to min_lr over the last 20% of
+# Shared: lr warms up over warmup_iters, holds, then falls linearly to min_lr over the last half of
 # the steps; weight_decay is on matrices. t_proposal and loss: section 5; optimizer: section 6.
 RECIPE = dict(min_lr=1e-4, warmup_iters=100, weight_decay=0.1, t_proposal='cosine', loss='nelbo', optimizer='muon')
 
@@ -333,10 +333,10 @@ if NOTEBOOK:   # demo: untrained, the model guesses uniformly among 65 character
 # Draw the batch and its noise, forward, loss, backward, clip, update; the harness's train() loops.
 
 def get_lr(it, lr, min_lr, warmup_iters, max_iters):
-    """The learning rate at step `it`: warmup, stable, then a linear decay over the last 20%."""
+    """The learning rate at step `it`: warmup, stable, then a linear decay over the second half."""
     if it < warmup_iters:                                        # 1) linear warmup from 0
         return lr * (it + 1) / warmup_iters
-    decay_start = max(warmup_iters, 0.8 * max_iters)             # 2) stable at lr until here
+    decay_start = max(warmup_iters, 0.5 * max_iters)             # 2) stable at lr until here
     frac = min(1.0, max(0.0, (it - decay_start) / max(1, max_iters - decay_start)))
     return lr - frac * (lr - min_lr)                             # 3) linear decay to min_lr
 
@@ -365,14 +365,13 @@ def batch_loss(model, x0, xt, mask, t, w, objective='nelbo'):
 # Muon takes the blocks' matrices, AdamW the rest: the embedding (tied to the head), the time input, gains, biases.
 
 def orthogonalize(G, steps=5, dtype=torch.float32):
-    """About U V^T for G = U S V^T: Muon's quintic Newton-Schulz iteration, in `dtype`."""
-    X = (G / (G.norm() + 1e-7)).to(dtype)        # every singular value now <= 1
-    if G.size(0) > G.size(1):
-        X = X.T                                  # iterate on the wide side: X X^T is the small one
+    """About U V^T for G = U S V^T, each matrix of a stack (..., m, n): Muon's quintic Newton-Schulz, in `dtype`."""
+    tall = G.size(-2) > G.size(-1)               # iterate on the wide side: X X^T is the small one
+    X = ((G.mT if tall else G) / (G.norm(dim=(-2, -1), keepdim=True) + 1e-7)).to(dtype)   # singular values <= 1
     for _ in range(steps):
-        A = X @ X.T
+        A = X @ X.mT
         X = 3.4445 * X + (-4.7750 * A + 2.0315 * A @ A) @ X
-    return (X.T if G.size(0) > G.size(1) else X).to(G.dtype)
+    return (X.mT if tall else X).to(G.dtype)
 
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr, weight_decay, momentum=0.95, ns_dtype=torch.float32):
@@ -383,11 +382,14 @@ class Muon(torch.optim.Optimizer):
     def step(self):
         for group in self.param_groups:
             lr, mu = group['lr'], group['momentum']
+            by_shape = {}                        # matrices of one shape share one batched iteration
             for p in group['params']:
                 buf = self.state[p].setdefault('momentum_buffer', torch.zeros_like(p))
                 buf.mul_(mu).add_(p.grad)                                        # B = mu B + G
-                O = orthogonalize(p.grad + mu * buf, dtype=self.ns_dtype)         # Nesterov: G + mu B
-                p.mul_(1 - lr * group['weight_decay']).add_(O, alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
+                by_shape.setdefault(p.shape, []).append((p, p.grad + mu * buf))  # Nesterov: G + mu B
+            for shape, pairs in by_shape.items():
+                for (p, _), o in zip(pairs, orthogonalize(torch.stack([g for _, g in pairs]), dtype=self.ns_dtype)):
+                    p.mul_(1 - lr * group['weight_decay']).add_(o, alpha=-lr * 0.2 * math.sqrt(max(shape)))
 
 def make_optimizers(model, lr, weight_decay, kind='muon', ns_dtype=torch.float32, fused=False):
     """[Muon on the blocks' matrices, AdamW on the rest] or [AdamW on all]; decay on matrices only."""

@@ -414,8 +414,8 @@ def test_cosine_proposal_draws_more_small_k_and_weighs_each_k_by_one_over_l_q():
 def test_get_lr_warmup_stable_decay():
     lr = lambda it: mdlm.get_lr(it, 1e-3, 1e-4, 10, 100)
     assert lr(0) == pytest.approx(1e-4)
-    assert all(lr(i) == pytest.approx(1e-3) for i in range(9, 81)), 'stable until 80%'
-    assert lr(90) == pytest.approx(5.5e-4), 'linear decay over the last 20%'
+    assert all(lr(i) == pytest.approx(1e-3) for i in range(9, 51)), 'stable until 50%'
+    assert lr(75) == pytest.approx(5.5e-4), 'linear decay over the second half'
     assert lr(100) == pytest.approx(1e-4) and lr(150) == pytest.approx(1e-4)
 
 def test_train_step_sets_lr_updates_and_clears(text, tok):
@@ -459,6 +459,8 @@ def test_orthogonalize_pushes_singular_values_into_a_band():
     assert 0.6 < S.min() and S.max() < 1.25, S
     assert (S - 1).abs().max() > 0.01, 'approximate, not exact: the iteration trades exactness for steps'
     assert mdlm.orthogonalize(G.T).shape == (16, 48)
+    stack = mdlm.orthogonalize(torch.stack([G, 3 * G.flip(0)]))   # a stack: each matrix on its own
+    torch.testing.assert_close(stack, torch.stack([mdlm.orthogonalize(G), mdlm.orthogonalize(G.flip(0))]))
 
 @pytest.mark.parametrize('ns_dtype,tolerance', [(torch.float32, 0.02), (torch.bfloat16, 0.05)])
 def test_muon_steps_match_torch_optim_muon(ns_dtype, tolerance):
