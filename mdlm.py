@@ -47,9 +47,8 @@ PRESETS = {
     'tiny': dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, use_time=True,
                  batch_size=32, max_iters=5000, lr=3e-3, eval_interval=500, eval_iters=20),
 }
-# Shared: lr warms up over warmup_iters, holds, then falls linearly to min_lr over the last half of
-# the steps; weight_decay is on matrices. t_proposal and loss: section 5; optimizer: section 6.
-RECIPE = dict(min_lr=1e-4, warmup_iters=100, weight_decay=0.1, t_proposal='cosine', loss='nelbo', optimizer='muon')
+# Shared by the presets: the lr schedule, the optimizer (section 6), t_proposal and loss (section 5).
+RECIPE = dict(min_lr=1e-4, warmup_iters=100, decay_frac=0.5, weight_decay=0.1, t_proposal='cosine', loss='nelbo', optimizer='muon')
 
 @dataclass
 class SamplerConfig:         # section 7 explains each
@@ -140,9 +139,8 @@ if NOTEBOOK:   # demo: one line of the play, destroyed a little more at each t
 #   1) no causal mask: every position attends to every other, in both directions;
 #   2) it may be told the noise level t (use_time), through adaLN: below;
 #   3) the output never predicts [MASK] (MDLM calls this the "SUBS" parameterisation);
-#   4) each head's keys are scaled to RMS 1 and its queries to RMS 2 (QK-norm, ViT-22B, OLMo 2): no
-#      score exceeds 2 sqrt(head size) however large the weights grow, so a high lr cannot blow the
-#      scores up. With both at RMS 1 (in the tiny preset a cap of sqrt(32) = 5.7) it learned less.
+#   4) each head's keys are scaled to RMS 1, its queries to RMS 2 (QK-norm, ViT-22B, OLMo 2): no score exceeds
+#      2 sqrt(head size) however large the weights grow; with both at RMS 1 (tiny: a cap of 5.7) it learned less.
 # The GPT twin, the yardstick, is this network with causal=True (a position sees itself and what
 # is left of it) and no t: it predicts the next character. Positions are rotary (RoPE, as in LLaMA
 # and MDLM): each query and key is turned by an angle proportional to its position, so a score
@@ -332,11 +330,11 @@ if NOTEBOOK:   # demo: untrained, the model guesses uniformly among 65 character
 # %% 6. One training step --------------------------------------------------------------------------
 # Draw the batch and its noise, forward, loss, backward, clip, update; the harness's train() loops.
 
-def get_lr(it, lr, min_lr, warmup_iters, max_iters):
-    """The learning rate at step `it`: warmup, stable, then a linear decay over the second half."""
+def get_lr(it, lr, min_lr, warmup_iters, max_iters, decay_frac):
+    """The lr at step `it`: warmup, stable, then a linear decay to min_lr over the last decay_frac of the steps."""
     if it < warmup_iters:                                        # 1) linear warmup from 0
         return lr * (it + 1) / warmup_iters
-    decay_start = max(warmup_iters, 0.5 * max_iters)             # 2) stable at lr until here
+    decay_start = max(warmup_iters, (1 - decay_frac) * max_iters)             # 2) stable at lr until here
     frac = min(1.0, max(0.0, (it - decay_start) / max(1, max_iters - decay_start)))
     return lr - frac * (lr - min_lr)                             # 3) linear decay to min_lr
 
@@ -419,7 +417,8 @@ if NOTEBOOK:   # demo: train the tiny model for DEMO_ITERS steps with the defaul
     optimizers = make_optimizers(model, hp['lr'], hp['weight_decay'], hp['optimizer'])
     for it in range(DEMO_ITERS):
         batch = training_batch(train_data, hp['batch_size'], config.block_size, tok.mask_id, gen, False, hp['t_proposal'])
-        loss = train_step(model, optimizers, batch, get_lr(it, hp['lr'], hp['min_lr'], hp['warmup_iters'], DEMO_ITERS))
+        lr = get_lr(it, hp['lr'], hp['min_lr'], hp['warmup_iters'], DEMO_ITERS, hp['decay_frac'])
+        loss = train_step(model, optimizers, batch, lr)
         if it % 100 == 0 or it == DEMO_ITERS - 1:
             print(f'step {it} | loss {loss.item():.4f}')
     model.eval()
@@ -987,7 +986,7 @@ def train(args):
             batch = training_batch(run.train_data, world * B, T, run.tok.mask_id, run.gen, run.config.causal,
                                    args.t_proposal)
             batch = tuple(a if a is None else a[rank * B:(rank + 1) * B] for a in batch)
-            lr = get_lr(run.it, args.lr, args.min_lr, args.warmup_iters, args.max_iters)
+            lr = get_lr(run.it, args.lr, args.min_lr, args.warmup_iters, args.max_iters, args.decay_frac)
             loss = train_step(run.step_model, run.optimizers, batch, lr, args.loss, run.autocast)
             run.it += 1
             log_every = max(1, args.eval_interval // 5)
@@ -1297,14 +1296,16 @@ def build_parser():
     common.add_argument('--seed', type=number(int, 0, 2 ** 63 - 1), default=SEED)
     return p
 
+GPT_DECAY_FRAC = 0.2   # the GPT twin's own screen: its lr decays over the last 20% (RECIPE: 0.5)
+
 def resolve(args, device):
     """Fill the training flags left unset from the preset and RECIPE, and the machine's choices."""
     kind = device.split(':')[0]
     preset = args.preset if args.preset != 'auto' else ('base' if kind == 'cuda' else 'tiny')
     refuse_diffusion_flags(args, args.causal)
     values = {**RECIPE, **PRESETS[preset], 'train_fraction': 1.0}
-    if args.causal:                      # the GPT twin: no time input
-        values['use_time'] = False
+    if args.causal:                      # the GPT twin: no time input, its own decay (lab/README.md)
+        values['use_time'], values['decay_frac'] = False, GPT_DECAY_FRAC
     if preset == 'tiny' and kind != 'cuda' and not uses_bf16(device, args.dtype):
         values['max_iters'] = TINY_FP32_ITERS
     for k, v in values.items():

@@ -412,11 +412,12 @@ def test_cosine_proposal_draws_more_small_k_and_weighs_each_k_by_one_over_l_q():
 # 6. one training step
 
 def test_get_lr_warmup_stable_decay():
-    lr = lambda it: mdlm.get_lr(it, 1e-3, 1e-4, 10, 100)
+    lr = lambda it, frac=0.5: mdlm.get_lr(it, 1e-3, 1e-4, 10, 100, frac)
     assert lr(0) == pytest.approx(1e-4)
     assert all(lr(i) == pytest.approx(1e-3) for i in range(9, 51)), 'stable until 50%'
     assert lr(75) == pytest.approx(5.5e-4), 'linear decay over the second half'
     assert lr(100) == pytest.approx(1e-4) and lr(150) == pytest.approx(1e-4)
+    assert lr(80, 0.2) == pytest.approx(1e-3) and lr(90, 0.2) == pytest.approx(5.5e-4), 'the GPT twin: the last 20%'
 
 def test_train_step_sets_lr_updates_and_clears(text, tok):
     data = torch.tensor(tok.encode(text[:10000]))
@@ -1059,6 +1060,8 @@ def test_auto_preset_picks_steps_and_compile_by_capability(monkeypatch):
     assert resolved(False, 'mps')[0] == 'tiny' and resolved(False, 'cuda')[0] == 'base'
     _, args = resolved(False, 'cuda', '--gpt')
     assert args.use_time is False and args.causal
+    assert args.decay_frac == mdlm.GPT_DECAY_FRAC == 0.2 and resolved(True)[1].decay_frac == mdlm.RECIPE['decay_frac'] == 0.5, \
+        'the GPT twin decays its lr over the last 20%, the diffusion model over the second half'
 
 def test_compile_failure_falls_back_with_one_line(monkeypatch, tmp_path, capsys):
     """No test compiles: torch.compile is replaced by one whose compiled model fails on first use,
