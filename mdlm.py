@@ -39,16 +39,16 @@ class ModelConfig:
     use_time: bool = True    # tell the model the noise level t (section 4); it may do without
     causal: bool = False     # True: the GPT twin, the same network reading left to right only
 
-# 'base' is shaped like nanoGPT's char-level Shakespeare GPT, for a GPU; 'tiny' trains in 450 s on a
-# 2-core laptop CPU. Every eval_interval steps the run scores held-out text on eval_iters batches.
+# 'base' is shaped like nanoGPT's char-level Shakespeare GPT, for a GPU; 'tiny' for a CPU. Every eval_interval
+# steps the run scores held-out text on eval_iters batches.
 PRESETS = {
     'base': dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, use_time=True,
                  batch_size=64, max_iters=5000, lr=1e-3, eval_interval=250, eval_iters=50),
     'tiny': dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, use_time=True,
                  batch_size=32, max_iters=5000, lr=3e-3, eval_interval=500, eval_iters=20),
 }
-# Shared by the presets: the lr schedule, the optimizer (section 6), t_proposal and loss (section 5).
-RECIPE = dict(min_lr=1e-4, warmup_iters=100, decay_frac=0.5, weight_decay=0.1, t_proposal='cosine', loss='nelbo', optimizer='muon')
+RECIPE = dict(min_lr=1e-4, warmup_iters=100, decay_frac=0.5, weight_decay=0.1,   # shared by the presets: the lr
+              optimizer='muon', t_proposal='cosine', loss='nelbo')   # schedule, optimizer (section 6); section 5
 
 @dataclass
 class SamplerConfig:         # section 7 explains each
@@ -96,7 +96,7 @@ def split_data(text, tok, block_size):
     data = torch.tensor(tok.encode(text), dtype=torch.long)
     n = int(0.9 * len(data))
     if len(data) - n < block_size + 1:
-        raise CliError(f'{len(data)} characters are too few for block_size {block_size}: each split needs {block_size + 1}')
+        raise CliError(f'{len(data)} characters are too few for block_size {block_size}: a split needs {block_size+1}')
     return data[:n], data[n:]
 
 def get_batch(data, batch_size, block_size, generator):
@@ -104,7 +104,7 @@ def get_batch(data, batch_size, block_size, generator):
     ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator, device=data.device)
     return data[ix[:, None] + torch.arange(block_size, device=data.device)]   # (B, T)
 
-if NOTEBOOK:   # demo: the text (`python mdlm.py --train` downloads it), its vocabulary, the two splits
+if NOTEBOOK:   # demo: the text (input.txt, beside this file), its vocabulary, the two splits
     text = open(DEFAULT_DATA, encoding='utf-8').read()
     tok = Tokenizer(sorted(set(text)))
     train_data, val_data = split_data(text, tok, PRESETS['tiny']['block_size'])
@@ -139,8 +139,7 @@ if NOTEBOOK:   # demo: one line of the play, destroyed a little more at each t
 #   1) no causal mask: every position attends to every other, in both directions;
 #   2) it may be told the noise level t (use_time), through adaLN: below;
 #   3) the output never predicts [MASK] (MDLM calls this the "SUBS" parameterisation);
-#   4) each head's keys are scaled to RMS 1, its queries to RMS 2 (QK-norm, ViT-22B, OLMo 2): no score exceeds
-#      2 sqrt(head size) however large the weights grow; with both at RMS 1 (tiny: a cap of 5.7) it learned less.
+#   4) queries scaled to RMS 2 and keys to RMS 1 per head (QK-norm; ViT-22B, OLMo 2): no score exceeds 2 sqrt(hs).
 # The GPT twin, the yardstick, is this network with causal=True (a position sees itself and what
 # is left of it) and no t: it predicts the next character. Positions are rotary (RoPE, as in LLaMA
 # and MDLM): each query and key is turned by an angle proportional to its position, so a score
@@ -416,7 +415,8 @@ if NOTEBOOK:   # demo: train the tiny model for DEMO_ITERS steps with the defaul
     hp = {**RECIPE, **PRESETS['tiny']}
     optimizers = make_optimizers(model, hp['lr'], hp['weight_decay'], hp['optimizer'])
     for it in range(DEMO_ITERS):
-        batch = training_batch(train_data, hp['batch_size'], config.block_size, tok.mask_id, gen, False, hp['t_proposal'])
+        batch = training_batch(train_data, hp['batch_size'], hp['block_size'], tok.mask_id, gen, False,
+                               hp['t_proposal'])
         lr = get_lr(it, hp['lr'], hp['min_lr'], hp['warmup_iters'], DEMO_ITERS, hp['decay_frac'])
         loss = train_step(model, optimizers, batch, lr)
         if it % 100 == 0 or it == DEMO_ITERS - 1:
@@ -599,138 +599,83 @@ if NOTEBOOK:   # demo: the trained model's bound on held-out text
     print(f'exact, left to right: {estimate_loss(model, val_data, 2, 32, per_seq=exact_nll)[0]:.3f} nats/char')
 
 # %% ========================== THE LESSON IS COMPLETE ==========================================
-# Everything above is a whole, working MDLM. Everything below is the harness a reader may skip:
-# device and precision, checkpoints, resume, DDP, the logged training run, the command line.
+# Everything above is a whole, working MDLM. Below is the harness a reader may skip, with its own imports:
+# the data file, device and precision, checkpoints, resume, DDP, the logged training run, the command line.
 # ================================================================================================
-
-# The harness's own imports: nothing above uses them.
 import argparse
-import csv
-import glob
-import hashlib
+import itertools
 import signal
-import tempfile
 import time
 import types
-import urllib.error
-import urllib.request
 from dataclasses import asdict, fields
+
+EVAL_BATCHES = 100      # --eval averages this many batches; the training log, the first eval_iters of them
+EXACT_BATCHES = 20      # --eval --exact: the first 20 of them (block_size passes a window for each order)
+GPT_DECAY_FRAC = 0.2    # the GPT twin decays its lr over the last 20% of its steps: over half, it overfits
 
 # %% Harness: data file, device and precision ------------------------------------------------------
 
-DATA_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
-DATA_SHA256 = '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'
-EVAL_BATCHES = 100      # --eval averages this many batches; the training log, the first eval_iters of them
-EXACT_BATCHES = 20      # --eval --exact: the first 20 of them (block_size passes a window for each order)
-MAX_FILL = 12           # --infill: the widest fill tried for a blank of unknown width, [...]
-TINY_FP32_ITERS = 2000  # the tiny preset's steps where bf16 is not native: float32 steps cost more
-
-def download_data(path, url=DATA_URL, sha256=DATA_SHA256, opener=urllib.request.urlopen):
-    """Fetch Tiny Shakespeare, check its sha256, and write it atomically (never a partial file)."""
-    try:
-        with opener(url, timeout=30) as response:
-            raw = response.read()
-    except (urllib.error.URLError, OSError) as e:
-        raise CliError(f'could not download {url} ({e}); put Tiny Shakespeare at {path} '
-                       f'or pass --data FILE')
-    if hashlib.sha256(raw).hexdigest() != sha256:
-        raise CliError(f'the download from {url} has the wrong sha256; nothing written to {path}')
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or '.', prefix='.input-')
-    with os.fdopen(fd, 'wb') as f:
-        f.write(raw)
-    os.replace(tmp, path)
-
 def load_text(path):
-    """The text at `path`; Tiny Shakespeare is downloaded first where the default path has none."""
-    if not os.path.exists(path):
-        if path != DEFAULT_DATA:
-            raise CliError(f'no data file at {path}')
-        print(f'downloading Tiny Shakespeare to {path}', file=sys.stderr)
-        download_data(path)
+    """The UTF-8 text at `path`, or one line that says what is wrong with it."""
     try:
         with open(path, encoding='utf-8') as f:
             text = f.read()
-    except UnicodeDecodeError:
-        raise CliError(f'{path} is not UTF-8 text')
-    except OSError as e:
-        raise CliError(f'cannot read {path}: {e.strerror}')
+    except (OSError, UnicodeDecodeError) as e:
+        raise CliError(f'no data file at {path}' if isinstance(e, FileNotFoundError) else f'{path} is not UTF-8 text'
+                       if isinstance(e, UnicodeDecodeError) else f'cannot read {path}: {e.strerror}')
     if not text:
         raise CliError(f'{path} is empty')
     return text
 
-def first_fraction(train_data, fraction, block_size):
-    """--train-fraction: the first `fraction` of the training split, for runs on scarce data."""
+def splits(text, tok, block_size, fraction, device):
+    """split_data on the device, the training split cut to its first `fraction` (--train-fraction)."""
+    train_data, val_data = split_data(text, tok, block_size)
     n = int(fraction * len(train_data))
     if n < block_size + 1:
         raise CliError(f'--train-fraction {fraction:g} leaves {n} characters; a window needs {block_size + 1}')
-    return train_data[:n]
+    return train_data[:n].to(device), val_data.to(device)
 
 def pick_device(requested=None):
     """--device if this machine has it, else the best there is: cuda, then mps, then cpu."""
     if requested:
-        try:
-            assert torch.device(requested).type in ('cpu', 'cuda', 'mps')
-            torch.empty(1, device=requested)          # fails where the device is not there
-        except (RuntimeError, AssertionError):
+        try:      # fails on a device this machine does not have, or on what is no device at all
+            torch.empty(1, device=requested if requested.split(':')[0] in ('cpu', 'cuda', 'mps') else 'none')
+        except (RuntimeError, AssertionError):      # AssertionError: a torch built without CUDA
             raise CliError(f'--device {requested} is not a device of this machine: use cpu, cuda, cuda:N or mps')
         return requested
     return 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
 
 def cpu_has_bf16():
-    """True where the CPU computes bfloat16 natively (x86 avx512_bf16 or AMX). Elsewhere bf16 is
-    emulated, far slower than float32 (README), so it must never be the default there."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            flags = f.read()
-    except OSError:          # not Linux (macOS, Windows): no claim, float32
-        return False
-    return bool(re.search(r'\b(avx512_bf16|amx_bf16)\b', flags))
-
-def uses_bf16(device, dtype='auto'):
-    """--dtype auto: bf16 where the hardware computes it natively, else float32."""
-    kind = device.split(':')[0]
-    if dtype != 'auto':
-        return dtype == 'bfloat16'
-    return torch.cuda.is_bf16_supported() if kind == 'cuda' else kind == 'cpu' and cpu_has_bf16()
+    """True where the CPU computes bfloat16 natively (x86 avx512_bf16 or AMX); elsewhere it is emulated, slow."""
+    with contextlib.suppress(OSError), open('/proc/cpuinfo') as f:   # not Linux: no claim, float32
+        return bool(re.search(r'\b(avx512_bf16|amx_bf16)\b', f.read()))
+    return False
 
 def autocast_for(device, dtype='auto'):
-    """Training's precision: a bf16 autocast context, or float32 (no context)."""
-    if not uses_bf16(device, dtype):
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device_type=device.split(':')[0], dtype=torch.bfloat16)
-
+    """bf16 autocast where the hardware computes bf16 natively (--dtype auto), else float32: a null context."""
+    kind = device.split(':')[0]
+    native = torch.cuda.is_bf16_supported() if kind == 'cuda' else kind == 'cpu' and cpu_has_bf16()
+    if dtype == 'bfloat16' or dtype == 'auto' and native:
+        return lambda: torch.autocast(device_type=kind, dtype=torch.bfloat16)
+    return contextlib.nullcontext
 
 # %% Harness: checkpoints, resume, DDP -------------------------------------------------------------
-# Checkpoints hold tensors and plain values only (torch.load(weights_only=True) reads them) and
-# are written atomically; --resume continues a run bit for bit; torchrun runs one process per GPU.
 
 FORMAT = 'mdlm-4'
 ARCH_FLAGS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'use_time', 'causal')   # fixed by a checkpoint
-TRAIN_FLAGS = ('batch_size', 'max_iters', 'lr', 'eval_interval', 'eval_iters', 'train_fraction', *RECIPE)   # may change on --resume
-FLAG_NAMES = {'causal': 'gpt', 'use_time': 'no_time'}    # dest -> the flag a user types
-
-def flag(name):
-    return '--' + FLAG_NAMES.get(name, name).replace('_', '-')
+TRAIN_FLAGS = ('batch_size', 'max_iters', 'lr', 'eval_interval', 'eval_iters', 'train_fraction', *RECIPE)
 
 def save_checkpoint(path, ckpt):
-    """Write to a temporary file beside `path`, fsync, then rename over it: a crash at any moment
-    leaves either the old checkpoint or the new one, never half of one."""
-    d = os.path.dirname(path) or '.'
-    fd, tmp = tempfile.mkstemp(dir=d, prefix='.ckpt-', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    """Write path.tmp, fsync, rename it over `path`: a crash leaves the old or the new, never half of one."""
+    with open(path + '.tmp', 'wb') as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + '.tmp', path)
     with contextlib.suppress(OSError):   # make the rename itself durable
-        dfd = os.open(d, os.O_RDONLY)
-        os.fsync(dfd)
-        os.close(dfd)
+        d = os.open(os.path.dirname(path) or '.', os.O_RDONLY)
+        os.fsync(d)
+        os.close(d)
 
 def load_checkpoint(path):
     """Load with weights_only=True: tensors and plain values only, so a hostile file cannot run code."""
@@ -739,45 +684,36 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        reason = (str(e).strip() or type(e).__name__).splitlines()[0][:100]
         raise CliError(f'{path} is not a loadable checkpoint ({reason})')
-    keys = {'model', 'optimizer', 'config', 'vocab', 'iter', 'best_val', 'args', 'rng'}
     fmt = ckpt.get('format') if isinstance(ckpt, dict) else None
     if isinstance(fmt, str) and fmt.startswith('mdlm-') and fmt != FORMAT:   # the same weights, another network
         raise CliError(f'{path} was saved by an earlier mdlm.py ({fmt}; this one reads {FORMAT}): train it again')
+    keys = {'model', 'optimizer', 'config', 'vocab', 'iter', 'best_val', 'args', 'rng'}
     if fmt != FORMAT or not keys <= ckpt.keys() or not isinstance(ckpt['args'], dict):
         raise CliError(f'{path} is not an mdlm checkpoint')
-    ckpt['args'].setdefault('train_fraction', 1.0)      # saved before --train-fraction: all of the text
     return ckpt
 
-def model_from_checkpoint(ckpt, device='cpu'):
+def load_model(out_dir, device='cpu'):
+    """The model and tokenizer of <out_dir>/ckpt.pt, and the checkpoint."""
+    ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
     try:
-        config = ModelConfig(**ckpt['config'])
-        model = MDLM(config)
+        model, tok = MDLM(ModelConfig(**ckpt['config'])), Tokenizer(ckpt['vocab'])
         model.load_state_dict(ckpt['model'])
-        tok = Tokenizer(ckpt['vocab'])
-        if tok.vocab_size != config.vocab_size:
-            raise ValueError('vocabulary and model disagree')
+        assert tok.vocab_size == model.config.vocab_size, 'vocabulary and model disagree'
     except Exception as e:
         raise CliError(f'the checkpoint does not hold a valid mdlm model ({type(e).__name__})')
-    return model.to(device).eval(), tok
-
-def refuse_other_kind(ckpt_path, causal):
-    """Training a GPT must never replace the diffusion model in the same directory, nor the reverse."""
-    if os.path.exists(ckpt_path) and load_checkpoint(ckpt_path)['config'].get('causal', False) != causal:
-        raise CliError(f'{ckpt_path} holds a {"diffusion" if causal else "gpt"} model; '
-                       f'training a {"gpt" if causal else "diffusion"} model would replace it: '
-                       f'choose another --out-dir')
+    print(f'loaded {out_dir}/ckpt.pt: step {ckpt["iter"]}, {model.num_params() / 1e6:.2f}M parameters, {device}',
+          file=sys.stderr)
+    return model.to(device).eval(), tok, ckpt
 
 def resume_config(ckpt, args):
-    """--resume: the checkpoint's architecture wins (asking for another is refused), and training
-    settings not given again keep their saved values. Returns the config and the settings changed."""
-    saved = ckpt['config']
+    """--resume: the saved architecture (another is refused) and the saved training settings not given again."""
+    config, changed = ModelConfig(**ckpt['config']), []
     for name in ARCH_FLAGS:
-        if name in args.explicit and getattr(args, name) != saved[name]:
-            asked = flag(name) if isinstance(saved[name], bool) else f'{flag(name)} {getattr(args, name)}'
-            raise CliError(f'cannot resume with {asked}: the checkpoint was trained with {name} = {saved[name]}')
-    changed = []
+        if name in args.explicit and getattr(args, name) != getattr(config, name):
+            raise CliError(f'cannot resume with {name} {getattr(args, name)}: the run has {getattr(config, name)}')
+        setattr(args, name, getattr(config, name))    # the run's args, saved with it, say what it is
     for name in TRAIN_FLAGS:
         if name not in ckpt['args']:
             raise CliError(f'the checkpoint predates the setting {name}: train it again')
@@ -785,32 +721,25 @@ def resume_config(ckpt, args):
             setattr(args, name, ckpt['args'][name])
         elif getattr(args, name) != ckpt['args'][name]:
             changed.append(f'{name}: {ckpt["args"][name]} -> {getattr(args, name)}')
-    if args.data == DEFAULT_DATA and ckpt['args'].get('data'):   # the text it was trained on
-        args.data = ckpt['args']['data']
-    config = ModelConfig(**saved)
     if 'dropout' in args.explicit and args.dropout != config.dropout:
         changed.append(f'dropout: {config.dropout} -> {args.dropout}')
         config.dropout = args.dropout
-    for name in ARCH_FLAGS:
-        setattr(args, name, getattr(config, name))
+    if args.data == DEFAULT_DATA and ckpt['args'].get('data'):   # the text it was trained on
+        args.data = ckpt['args']['data']
     return config, changed
 
 def restore_state(ckpt, run, args):
     run.model.load_state_dict(ckpt['model'])
     try:
         assert len(ckpt['optimizer']) == len(run.optimizers)
-        for opt, state in zip(run.optimizers, ckpt['optimizer']):
-            opt.load_state_dict(state)
-    except (AssertionError, TypeError, ValueError, KeyError):
-        raise CliError(f'the checkpoint\'s optimizer state does not fit its optimizer, {args.optimizer}')
-    try:
+        [opt.load_state_dict(state) for opt, state in zip(run.optimizers, ckpt['optimizer'])]
         run.gen.set_state(ckpt['rng']['gen'])
         torch.set_rng_state(ckpt['rng']['torch'])
         if run.device.startswith('cuda') and ckpt['rng'].get('cuda') is not None:
             torch.cuda.set_rng_state(ckpt['rng']['cuda'])
-    except (RuntimeError, TypeError, ValueError):
-        raise CliError('the checkpoint\'s random state is from another kind of device; '
-                       'resume on the device it was trained on')
+    except (AssertionError, TypeError, ValueError, KeyError, RuntimeError):
+        raise CliError(f'the checkpoint\'s optimizer state does not fit its optimizer, {args.optimizer}, or its '
+                       f'random state this device, {run.device}: resume as it was trained')
     if run.world > 1:    # only rank 0's dropout RNG was saved: give the other ranks their own again
         torch.manual_seed(args.seed + run.rank + 1_000_003 * ckpt['iter'])
     run.it, run.best_val = ckpt['iter'], ckpt['best_val']
@@ -819,49 +748,23 @@ def ddp_setup(device_arg):
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: one process per device, nanoGPT style."""
     if int(os.environ.get('WORLD_SIZE', 1)) == 1:
         return 0, 1, pick_device(device_arg)
-    import torch.distributed as dist
     rank, world, local = (int(os.environ[k]) for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'))
-    device = device_arg or ('cuda' if torch.cuda.is_available() else 'cpu')
-    if device.startswith('cuda'):
-        device = f'cuda:{local}'
+    device = f'cuda:{local}' if (device_arg or 'cuda').startswith('cuda') and torch.cuda.is_available() else 'cpu'
+    if device != 'cpu':
         torch.cuda.set_device(device)
-    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    torch.distributed.init_process_group(backend='gloo' if device == 'cpu' else 'nccl')
     return rank, world, device
 
-def any_rank(flag_set, device, world):
-    """True on every rank when `flag_set` is true on any (so all ranks stop at the same step)."""
+def any_rank(flag, device, world):
+    """True on every rank when `flag` is true on any (so all ranks stop at the same step)."""
     if world == 1:
-        return bool(flag_set)
-    import torch.distributed as dist
-    f = torch.tensor([float(bool(flag_set))], device=device)
-    dist.all_reduce(f, op=dist.ReduceOp.MAX)
+        return bool(flag)
+    f = torch.tensor([float(bool(flag))], device=device)
+    torch.distributed.all_reduce(f, op=torch.distributed.ReduceOp.MAX)
     return f.item() > 0
 
-def compiled_or_eager(model, batch_size, config, device, autocast, log):
-    """torch.compile, tried at once on one forward and backward of the training shape (so its
-    compile time falls inside the run's wall time); if it cannot compile, one line and eager."""
-    try:
-        compiled = torch.compile(model)
-        xt = torch.full((batch_size, config.block_size), config.vocab_size - 1, device=device)
-        t = None if config.causal else torch.full((batch_size,), 0.5, device=device)
-        with autocast():
-            out = compiled(xt, t)[..., :-1].sum()
-        out.backward()
-        model.zero_grad(set_to_none=True)
-        return compiled
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
-        log(f'torch.compile: could not compile ({reason}); training without it')
-        model.zero_grad(set_to_none=True)
-        return model
-
-
 # %% Harness: the training run ---------------------------------------------------------------------
-# train_step in a loop, with everything a long run needs around it: seeding, precision, compile,
-# DDP, periodic evals logged to <out-dir>/log.csv, atomic checkpoints, Ctrl-C that saves, --resume.
-
-class StopRequested(Exception):
-    pass
+# train_step in a loop, with what a long run needs: evals logged to <out-dir>/log.csv, saves, Ctrl-C, --resume.
 
 def start_run(args):
     """Everything a run needs, fresh or resumed from <out-dir>/ckpt.pt: a namespace."""
@@ -870,57 +773,38 @@ def start_run(args):
                                 best_val=float('inf'), ckpt_path=os.path.join(args.out_dir, 'ckpt.pt'),
                                 best_path=os.path.join(args.out_dir, 'best', 'ckpt.pt'))
     run.log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if rank == 0 else (lambda *a: None)
-    preset = resolve(args, device)
+    resolve(args, device)
+    # 1) the shape and the training settings: from the preset, or a resumed run's from its checkpoint
     ckpt = load_checkpoint(run.ckpt_path) if args.resume else None
-    if rank == 0:    # a save killed mid-write leaves its temporary file; this run owns the directory now
-        for stale in (f for path in (run.ckpt_path, run.best_path)
-                      for f in glob.glob(os.path.join(glob.escape(os.path.dirname(path)), '.ckpt-*.tmp'))):
-            with contextlib.suppress(OSError):
-                os.remove(stale)
-    # 1) the shape and the training settings: a resumed run's come from its checkpoint
-    changed = []
     if ckpt:
-        (config, changed), preset = resume_config(ckpt, args), 'from checkpoint'
+        config, changed = resume_config(ckpt, args)
+    elif os.path.exists(run.ckpt_path) and load_checkpoint(run.ckpt_path)['config']['causal'] != args.causal:
+        raise CliError(f'{run.ckpt_path} holds a {"diffusion model" if args.causal else "GPT"}, which this '
+                       f'run would replace: choose another --out-dir')
     text = load_text(args.data)
-    run.tok = Tokenizer(ckpt['vocab']) if ckpt else Tokenizer(sorted(set(text)))
-    if not ckpt:
-        refuse_other_kind(run.ckpt_path, args.causal)
-        config = ModelConfig(vocab_size=run.tok.vocab_size, dropout=args.dropout,
-                             **{k: getattr(args, k) for k in ARCH_FLAGS})
-    run.config = config
+    run.tok = Tokenizer(ckpt['vocab'] if ckpt else sorted(set(text)))
+    run.config = config if ckpt else ModelConfig(vocab_size=run.tok.vocab_size, dropout=args.dropout,
+                                                 **{k: getattr(args, k) for k in ARCH_FLAGS})
     # 2) data: the whole token tensor lives on the device (1.1M chars: a few MB), no loader needed
-    run.train_data, run.val_data = (d.to(device) for d in split_data(text, run.tok, config.block_size))
-    run.train_data = first_fraction(run.train_data, args.train_fraction, config.block_size)
-    if args.train_fraction < 1:
-        run.log(f'training on the first {len(run.train_data):,} characters ({args.train_fraction:g} of the split)')
+    run.train_data, run.val_data = splits(text, run.tok, run.config.block_size, args.train_fraction, device)
     # 3) model, optimizers, and one generator for batches and noise: every rank draws the same global
     # batch and noise and keeps its slice, so N ranks see exactly one process's N-times larger batch
     torch.manual_seed(args.seed + rank)      # dropout differs per rank; data and noise do not
-    run.model = MDLM(config).to(device)      # what gets saved: never the compiled or DDP-wrapped one
-    bf16 = uses_bf16(device, args.dtype)     # autocast, Muon's Newton-Schulz, compile on a CPU: one answer
+    run.model = MDLM(run.config).to(device)  # what gets saved: never the DDP-wrapped one
+    run.autocast = autocast_for(device, args.dtype)
+    bf16 = run.autocast is not contextlib.nullcontext    # then Muon's Newton-Schulz runs in bf16 too
     run.optimizers = make_optimizers(run.model, args.lr, args.weight_decay, args.optimizer,
-                                     torch.bfloat16 if bf16 else torch.float32,
-                                     fused=device.startswith('cuda'))
+                                     torch.bfloat16 if bf16 else torch.float32, fused=device.startswith('cuda'))
     run.gen = torch.Generator(device=device).manual_seed(args.seed)
     if ckpt:
         restore_state(ckpt, run, args)
         run.log(f'resuming from {run.ckpt_path} at step {run.it}' + (f' ({", ".join(changed)})' if changed else ''))
-    if device.startswith('cuda'):   # TF32 matmuls: ~fp32 accuracy at tensor-core speed
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    # 4) the fast path: bf16 autocast where the hardware has it; torch.compile on a CPU with native
-    # bf16, where it was measured faster (elsewhere it was not measured, or measured slower)
-    run.autocast = autocast_for(device, args.dtype)
-    run.step_model = run.model
-    if device == 'cpu' and bf16:
-        run.step_model = compiled_or_eager(run.model, args.batch_size, config, device, run.autocast, run.log)
-    compiled = run.step_model is not run.model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        run.step_model = DistributedDataParallel(run.step_model, device_ids=[device] if device.startswith('cuda') else None)
-    run.log(f'device {device}{f" x {world}" if world > 1 else ""} | preset {preset} | {"gpt" if config.causal else "diffusion"} | '
-            f'{run.model.num_params() / 1e6:.2f}M parameters | {asdict(config)}')
-    run.log(f'fast path: {"bfloat16 autocast" if bf16 else "float32"}'
-            f'{", torch.compile" if compiled else ""}; evaluations in float32')
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # on a GPU: fast, ~fp32 matmuls
+    run.step_model = run.model if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        run.model, device_ids=[device] if device.startswith('cuda') else None)
+    run.log(f'device {device}{f" x {world}" if world > 1 else ""} | {"bf16 autocast" if bf16 else "float32"}'
+            f' (evals in float32) | preset {"from checkpoint" if ckpt else args.preset} | {len(run.train_data):,} '
+            f'training chars | {run.model.num_params() / 1e6:.2f}M parameters | {asdict(run.config)}')
     return run, ckpt
 
 def check_finite(loss, it, ckpt_path):
@@ -934,16 +818,14 @@ def save_run(run, args, path=None):
         path = path or run.ckpt_path
         os.makedirs(os.path.dirname(path), exist_ok=True)
         save_checkpoint(path, {
-            'format': FORMAT, 'kind': 'gpt' if run.config.causal else 'diffusion', 'model': run.model.state_dict(),
-            'optimizer': [opt.state_dict() for opt in run.optimizers], 'config': asdict(run.config), 'vocab': run.tok.itos,
-            'iter': run.it, 'best_val': run.best_val,
+            'format': FORMAT, 'model': run.model.state_dict(), 'config': asdict(run.config), 'vocab': run.tok.itos,
+            'optimizer': [opt.state_dict() for opt in run.optimizers], 'iter': run.it, 'best_val': run.best_val,
             'args': {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
             'rng': {'gen': run.gen.get_state(), 'torch': torch.get_rng_state(),
                     'cuda': torch.cuda.get_rng_state() if run.device.startswith('cuda') else None}})
 
 def evaluate_and_save(run, args, fresh):
-    """Score train and val (the same windows every time), log them, append to log.csv, save; a new
-    best val is saved to <out-dir>/best/ckpt.pt too, so a run that overfits keeps its best weights."""
+    """Score, log to log.csv, save; a new best val to <out-dir>/best/ too: a run that overfits keeps its best."""
     train_loss, _ = estimate_loss(run.model, run.train_data, args.eval_iters, args.batch_size)
     val_loss, val_se = estimate_loss(run.model, run.val_data, args.eval_iters, args.batch_size)
     improved, run.best_val = val_loss < run.best_val, min(run.best_val, val_loss)
@@ -954,11 +836,9 @@ def evaluate_and_save(run, args, fresh):
         os.makedirs(args.out_dir, exist_ok=True)
         log_path = os.path.join(args.out_dir, 'log.csv')
         fresh = fresh or not os.path.exists(log_path)
-        with open(log_path, 'w' if fresh else 'a', newline='') as f:
-            w = csv.writer(f)
-            if fresh:
-                w.writerow(['step', 'train_loss', 'val_loss', 'val_se', 'seconds'])
-            w.writerow([run.it, f'{train_loss:.5f}', f'{val_loss:.5f}', f'{val_se:.5f}', f'{seconds:.1f}'])
+        with open(log_path, 'w' if fresh else 'a') as f:
+            f.write('step,train_loss,val_loss,val_se,seconds\n' * fresh
+                    + f'{run.it},{train_loss:.5f},{val_loss:.5f},{val_se:.5f},{seconds:.1f}\n')
     if improved:     # best first: a crash between the two saves leaves a ckpt.pt that will find it again
         save_run(run, args, run.best_path)
     save_run(run, args)
@@ -968,12 +848,12 @@ def train(args):
     stop = []    # Ctrl-C / SIGTERM only raise a flag: the step in flight finishes, then we save and stop
     old_handlers = {s: signal.signal(s, lambda signum, frame: stop.append(signum))
                     for s in (signal.SIGINT, signal.SIGTERM)}
-    B, T, rank, world = args.batch_size, run.config.block_size, run.rank, run.world
-    start_it, loss = run.it, None
+    B, T, rank, world, causal = args.batch_size, run.config.block_size, run.rank, run.world, run.config.causal
+    start_it, loss, log_every = run.it, None, max(1, args.eval_interval // 5)
     tic, tic_it = time.time(), run.it       # step timing restarts after each eval: ms/step is training alone
     try:
         while True:
-            # 1) evaluate and checkpoint (not again at the step a resumed run starts from)
+            # 1) evaluate and checkpoint (not again at the step a resumed run starts from); stop when asked
             if (run.it % args.eval_interval == 0 or run.it == args.max_iters) and not (ckpt and run.it == start_it):
                 check_finite(loss, run.it, run.ckpt_path)
                 evaluate_and_save(run, args, fresh=not ckpt and run.it == 0)
@@ -981,93 +861,46 @@ def train(args):
             if run.it >= args.max_iters:
                 break
             if (world == 1 or run.it % 10 == 0) and any_rank(stop, run.device, world):
-                raise StopRequested
+                check_finite(loss, run.it, run.ckpt_path)
+                save_run(run, args)
+                run.log(f'stopped at step {run.it}; saved {run.ckpt_path}. Resume with: python mdlm.py --train '
+                        f'--resume' + (f' --out-dir {args.out_dir}' if args.out_dir != 'out' else ''))   # --data: kept
+                raise SystemExit(130)
             # 2) one step: world * B rows with t stratified over all of them, this rank's B of them
-            batch = training_batch(run.train_data, world * B, T, run.tok.mask_id, run.gen, run.config.causal,
-                                   args.t_proposal)
+            batch = training_batch(run.train_data, world * B, T, run.tok.mask_id, run.gen, causal, args.t_proposal)
             batch = tuple(a if a is None else a[rank * B:(rank + 1) * B] for a in batch)
             lr = get_lr(run.it, args.lr, args.min_lr, args.warmup_iters, args.max_iters, args.decay_frac)
             loss = train_step(run.step_model, run.optimizers, batch, lr, args.loss, run.autocast)
             run.it += 1
-            log_every = max(1, args.eval_interval // 5)
             if run.it % log_every == 0 or run.it == args.max_iters:   # the only host sync in the loop
                 check_finite(loss, run.it, run.ckpt_path)
                 dt = (time.time() - tic) / (run.it - tic_it)
                 run.log(f'step {run.it} | loss {loss.item():.4f} | lr {lr:.1e} | {dt * 1000:.1f}ms | '
                         f'{B * T * world / dt:,.0f} tok/s | eta {dt * (args.max_iters - run.it):.0f}s')
-        run.log(f'done: best val {"nll" if run.config.causal else "nelbo"} {run.best_val:.4f} nats/char'
-                + (f' (its checkpoint: {run.best_path})' if os.path.exists(run.best_path) else '')
-                + f'; latest checkpoint in {run.ckpt_path}')
+        run.log(f'done: best val {"nll" if causal else "nelbo"} {run.best_val:.4f} nats/char (saved in '
+                f'{run.best_path if os.path.exists(run.best_path) else "none"}); latest checkpoint: {run.ckpt_path}')
         return run.best_val
-    except StopRequested:
-        check_finite(loss, run.it, run.ckpt_path)
-        save_run(run, args)
-        run.log(f'stopped at step {run.it}; saved {run.ckpt_path}. Resume with: python mdlm.py --train --resume'
-                + (f' --out-dir {args.out_dir}' if args.out_dir != 'out' else ''))   # --data: remembered
-        raise SystemExit(130)
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
         if world > 1:
-            import torch.distributed as dist
-            dist.destroy_process_group()
+            torch.distributed.destroy_process_group()
 
-
-# %% Harness: generation, evaluation and scoring from the command line -----------------------------
-
-BLANK = re.compile(r'\[_+\]|\[\.\.\.\]')   # '[___]': as many characters as it is wide; '[...]': unknown
-UNKNOWN = -1    # parse_infill's id for a [...] blank, until fill_unknown gives it a width
+# %% Harness: generation and evaluation from the command line --------------------------------------
 
 def parse_infill(text, tok):
-    """'To [___] or not' -> ids with [MASK] in the blanks. A blank is replaced by exactly as many
-    characters as the marker is wide ('[___]' is 5), so the answer lines up under the question;
-    a blank of unknown width, '[...]', becomes one UNKNOWN."""
-    ids, pos = [], 0
-    for m in BLANK.finditer(text):
-        ids += tok.encode(text[pos:m.start()]) + ([UNKNOWN] if m.group() == '[...]' else [tok.mask_id] * len(m.group()))
-        pos = m.end()
-    ids += tok.encode(text[pos:])
-    if tok.mask_id not in ids and UNKNOWN not in ids:
-        raise CliError('the text has no blank to fill: mark one with [___] (as long as it is wide) or [...]')
-    return ids
-
-def width_candidates(model, ids, max_fill, sampler, generator):
-    """The first [...] of ids filled at each width 1..max_fill, in a window of the same left and right
-    context (up to (T - max_fill) // 2 characters each side, up to the next [...]): a list of (fill,
-    window, -log p(window)) with the exact left-to-right likelihood of section 9, in nats."""
-    T, j = model.config.block_size, ids.index(UNKNOWN)
-    C = (T - max_fill) // 2
-    if C < 1:
-        raise CliError(f'--max-fill {max_fill} leaves no context in the model\'s window of {T}')
-    right = ids[j + 1:]
-    right = right[:right.index(UNKNOWN)] if UNKNOWN in right else right
-    left, right = ids[max(0, j - C):j], right[:C]
-    rows = []
-    for w in range(1, max_fill + 1):
-        window = infill(model, left + [model.config.vocab_size - 1] * w + right, 1, sampler, generator)   # (1, n)
-        rows.append((window[0, len(left):len(left) + w].tolist(), window, exact_nll(model, window).item() * window.size(1)))
-    return rows
-
-def fill_unknown(model, ids, max_fill, sampler, generator, tok):
-    """Give every [...] of ids, left to right, the fill whose window is likeliest in total nats (per
-    character measured worse: lab/README.md). A heuristic: the model has no notion of length, and the
-    strings compared differ in length. Each blank's widths and scores go to stderr."""
-    while UNKNOWN in ids:
-        rows = width_candidates(model, ids, max_fill, sampler, generator)
-        fill = min(rows, key=lambda row: row[2])[0]          # rows: (fill, window, nats), widths 1, 2, ...
-        print('[...]: ' + ' | '.join(f'{len(f)} {tok.decode(f)!r} {nll:.2f}' for f, _, nll in rows)
-              + f' -> width {len(fill)}', file=sys.stderr)
-        j = ids.index(UNKNOWN)
-        ids = ids[:j] + fill + ids[j + 1:]
+    """'To [___] or not' -> ids with as many [MASK]s as the blank is wide: the answer lines up under it."""
+    parts = re.split(r'(\[_+\])', text)      # text, blank, text, ..., blank, text
+    ids = [i for k, part in enumerate(parts) for i in (tok.encode(part) if k % 2 == 0 else [tok.mask_id] * len(part))]
+    if tok.mask_id not in ids:
+        raise CliError('the text has no blank to fill: mark one with [___], as wide as the characters it holds')
     return ids
 
 @torch.no_grad()
 def gpt_generate(model, prefix, length, num_samples, temperature=1.0, top_p=1.0, generator=None):
-    """The GPT twin's loop: `length` characters after `prefix` (a list of ids), one forward pass
-    per character, left to right: the cost a diffusion sampler is compared with. The window is the
-    start token and the last block_size - 1 characters, as in training, so it slides on."""
-    T, start = model.config.block_size, model.config.vocab_size - 1
-    device = next(model.parameters()).device
+    """The GPT twin's loop: `length` characters after `prefix` (ids), one pass each, in a sliding window
+    of the start token and the last block_size - 1 characters, as in training."""
+    T, start, device = model.config.block_size, model.config.vocab_size - 1, next(model.parameters()).device
     out = torch.tensor(prefix, dtype=torch.long, device=device).repeat(num_samples, 1)   # (B, P)
     for _ in range(length):
         x = torch.cat([torch.full((num_samples, 1), start, device=device), out[:, -(T - 1):]], 1)
@@ -1075,173 +908,74 @@ def gpt_generate(model, prefix, length, num_samples, temperature=1.0, top_p=1.0,
         out = torch.cat([out, tokens[:, None]], 1)
     return out
 
-def load_for_inference(args):
-    device = pick_device(args.device)
-    ckpt = load_checkpoint(os.path.join(args.out_dir, 'ckpt.pt'))
-    model, tok = model_from_checkpoint(ckpt, device)
-    refuse_diffusion_flags(args, model.config.causal)
-    print(f'loaded {args.out_dir}/ckpt.pt: step {ckpt["iter"]}, {model.num_params() / 1e6:.2f}M parameters, '
-          f'device {device}', file=sys.stderr)
-    return model, tok, ckpt
-
 def sampler_from_args(args, infill=False):
-    """The sampler the flags ask for: SamplerConfig's defaults where a flag is left out; one fill
-    of a blank without --temperature takes INFILL_TEMPERATURE (the best guess)."""
+    """SamplerConfig with the flags given; one fill of a blank takes INFILL_TEMPERATURE (the best guess)."""
     chosen = {f.name: getattr(args, f.name) for f in fields(SamplerConfig) if getattr(args, f.name) is not None}
     if infill and args.num_samples == 1:
         chosen.setdefault('temperature', INFILL_TEMPERATURE)
     return SamplerConfig(**chosen)
 
-def show_frames(tok):
-    """--show: each step's text on stderr, newlines drawn as arrows, one line per row."""
-    frames = [0]
-    def on_step(x):
-        frames[0] += 1
-        print('\n'.join(f'step {frames[0]:4d} | {tok.decode(row.tolist())}'.replace('\n', '\u21b5') for row in x),
-              file=sys.stderr, flush=True)
-    return on_step
-
 def run_generation(args):
-    model, tok, _ = load_for_inference(args)
+    model, tok, _ = load_model(args.out_dir, pick_device(args.device))
     T, device = model.config.block_size, next(model.parameters()).device
-    if model.config.causal and args.infill is not None:
-        raise CliError('a GPT cannot fill blanks: it never sees the text to the right of one; use a diffusion model')
     g = torch.Generator(device=device).manual_seed(args.seed)
-    sampler, on_step = sampler_from_args(args, infill=args.infill is not None), show_frames(tok) if args.show else None
+    sampler = sampler_from_args(args, infill=args.infill is not None)
+    def on_step(x, frame=itertools.count(1)):    # --show: each step's rows on stderr, newlines drawn as arrows
+        n = next(frame)
+        print('\n'.join(f'step {n:4d} | {tok.decode(row.tolist())}'.replace('\n', '\u21b5') for row in x),
+              file=sys.stderr, flush=True)
+    if model.config.causal and (args.infill is not None or args.show):
+        raise CliError('a GPT writes left to right, one character a pass: it cannot fill blanks or --show steps')
+    if args.complete is not None and not args.complete:
+        raise CliError('the prompt is empty: give some text to continue, or use --sample')
+    ids = parse_infill(args.infill, tok) if args.infill is not None else tok.encode(args.complete or '')
     if args.infill is not None:
-        ids = parse_infill(args.infill, tok)
-        if UNKNOWN in ids:
-            if tok.mask_id in ids:    # a [___] in a [...]'s window would be filled anew for every width
-                raise CliError('use [___] blanks or [...] blanks in one text, not both')
-            if args.num_samples > 1:
-                raise CliError('a [...] blank gets one fill, the likeliest width\'s: drop --num-samples')
-            ids = fill_unknown(model, ids, args.max_fill, sampler, g, tok)
-        out = infill(model, ids, args.num_samples, sampler, g, on_step)
+        out = infill(model, ids, args.num_samples, sampler, g, on_step if args.show else None)
+    elif model.config.causal:          # a GPT slides over any prompt
+        out = gpt_generate(model, ids, args.length or T, args.num_samples, sampler.temperature, sampler.top_p, g)
+    elif len(ids) >= T:
+        raise CliError(f'the prompt is {len(ids)} characters; to leave room in a context of {T}, use at most {T - 1}')
     else:
-        if args.complete is not None and not args.complete:
-            raise CliError('the prompt is empty: give some text to continue, or use --sample')
-        ids = tok.encode(args.complete or '')
-        if model.config.causal:          # a GPT slides over any prompt
-            out = gpt_generate(model, ids, args.length or T, args.num_samples, sampler.temperature, sampler.top_p, g)
-        elif len(ids) >= T:
-            raise CliError(f'the prompt is {len(ids)} characters; it must leave room in the '
-                           f'model\'s context of {T}: use at most {T - 1}')
-        else:
-            out = generate_text(model, ids, args.length or T, args.num_samples, sampler, g, on_step)
+        out = generate_text(model, ids, args.length or T, args.num_samples, sampler, g, on_step if args.show else None)
     sys.stdout.write(('\n' + '=' * 40 + '\n').join(tok.decode(row.tolist()) for row in out) + '\n')
     return 0
 
-@torch.no_grad()
-def ce_per_noise_level(model, data, ts, n_batches, batch_size, seed=EVAL_SEED):
-    """Masked CE (nats per masked char) at fixed t, exactly tL masks as in training, every t on the same
-    windows: how hard each noise level is. Its mean over t = k/L, k = 1..L, is the NELBO (1/k cancels k)."""
-    model.eval()
-    g = torch.Generator(device=data.device).manual_seed(seed + 1)
-    rows = []
-    for t in ts:
-        windows = torch.Generator(device=data.device).manual_seed(seed)
-        total, count = 0.0, 0
-        for _ in range(n_batches):
-            x0 = get_batch(data, batch_size, model.config.block_size, windows)
-            tt = torch.full((batch_size,), round(t * x0.size(1)) / x0.size(1), device=data.device)
-            xt, mask = forward_mask(x0, tt, model.config.vocab_size - 1, g, exact=True)
-            total += masked_ce(model(xt, tt), x0, mask).sum().item()
-            count += mask.sum().item()
-        rows.append(total / max(count, 1))
-    return rows
-
 def run_eval(args):
-    """The bound (a GPT: the exact NLL) on val and train, the training log's windows and more;
-    for a diffusion model, the masked cross-entropy at ten noise levels."""
-    model, tok, ckpt = load_for_inference(args)
+    """The bound (a GPT: its exact NLL) on val and train; --exact: two exact likelihoods beside the bound."""
+    model, tok, ckpt = load_model(args.out_dir, pick_device(args.device))
     device, causal = next(model.parameters()).device, model.config.causal
-    train_data, val_data = (d.to(device) for d in split_data(load_text(args.data), tok, model.config.block_size))
     fraction = ckpt['args']['train_fraction']     # the train figure: the text it trained on
-    train_data = first_fraction(train_data, fraction, model.config.block_size)
+    train_data, val_data = splits(load_text(args.data), tok, model.config.block_size, fraction, device)
     n, B = args.eval_iters or EVAL_BATCHES, args.batch_size or ckpt['args']['batch_size']   # as in training
-    for name, data in (('val', val_data), ('train' + (f' (its first {fraction:g})' if fraction < 1 else ''), train_data)):
+    for name, data in (('val', val_data), (f'train{f" (its first {fraction:g})" if fraction < 1 else ""}', train_data)):
         mean, se = estimate_loss(model, data, n, B)
         what = ('nll', f'perplexity {math.exp(mean):.3f} (exact: a GPT\'s likelihood)') if causal \
             else ('nelbo', f'perplexity <= {math.exp(mean):.3f} (an upper bound: the NELBO bounds -log p)')
-        spread = f'+- {se:.4f} (standard error, {n} batches' if n > 1 else '(no standard error from 1 batch'
-        print(f'{name} {what[0]}: {mean:.4f} nats/char ({mean / math.log(2):.4f} bits/char) '
-              f'{spread} of {B} windows of {model.config.block_size}); {what[1]}')
-    if causal:
-        return 0
-    if args.exact:    # L passes a window: on the first EXACT_BATCHES batches, the bound beside it
+        print(f'{name} {what[0]}: {mean:.4f} nats/char ({mean / math.log(2):.4f} bits/char) +- {se:.4f} (standard '
+              f'error, {n} batches of {B} windows of {model.config.block_size}); {what[1]}')
+    if args.exact and not causal:    # L passes a window: on the first EXACT_BATCHES batches, the bound beside it
         m = min(n, EXACT_BATCHES)
         print(f'val, the first {m} of those batches ({m * B} windows): the bound and two exact likelihoods')
         for name, per_seq in (('nelbo (bound)', None), ('exact, left to right', exact_nll),
                               ('exact, surest first', lambda model, x0: exact_nll(model, x0, surest))):
             mean, se = estimate_loss(model, val_data, m, B, per_seq=per_seq)
             print(f'  {name:<22} {mean:.4f} +- {se:.4f} nats/char ({mean / math.log(2):.4f} bits/char)')
-    ts = [round(0.1 * i, 1) for i in range(1, 11)]
-    ces = ce_per_noise_level(model, val_data, ts, max(1, n // 4), B)
-    print('masked cross-entropy per noise level (val, nats per masked char):')
-    for t, ce in zip(ts, ces):
-        print(f'  t={t:.1f}  {ce:.4f}  {"#" * round(ce * 10)}')
-    print(f'naive average of the masked cross-entropy at t = 0.1, 0.3, ..., 0.9: {sum(ces[0:9:2]) / 5:.4f} nats '
-          f'(neither a bound nor a perplexity: not comparable with a GPT\'s loss)')
     return 0
-
-def run_score(args):
-    """--score FILE: bits/char of a text, in windows of block_size scored one by one (as --eval
-    scores val): the exact NLL under a GPT, the NELBO bound under a diffusion model."""
-    model, tok, _ = load_for_inference(args)
-    device = next(model.parameters()).device
-    ids = torch.tensor(tok.encode(load_text(args.score)), device=device)
-    g = torch.Generator(device=device).manual_seed(args.seed)
-    total = 0.0
-    for window in ids.split(model.config.block_size):   # a diffusion window: 128 exact-k draws, k over 1..L
-        per_char = nll_per_seq(model, window[None]) if model.config.causal else \
-            nelbo_per_seq(model, window.repeat(128, 1), g).mean()
-        total += per_char.item() * len(window)
-    what = 'exact, a GPT' if model.config.causal else 'an upper bound, a diffusion model'
-    print(f'{args.score}: {total / len(ids) / math.log(2):.4f} bits/char ({len(ids)} chars; {what})')
-    return 0
-
-def read_log(out_dir):
-    """<out_dir>/log.csv as (step, train loss, val loss) rows."""
-    path = os.path.join(out_dir, 'log.csv')
-    try:
-        with open(path, newline='') as f:
-            rows = [(int(r['step']), float(r['train_loss']), float(r['val_loss'])) for r in csv.DictReader(f)]
-    except (OSError, KeyError, ValueError, TypeError):
-        raise CliError(f'no readable training log at {path}; train with --out-dir {out_dir} first')
-    if not rows or not all(math.isfinite(v) for r in rows for v in r[1:]):
-        raise CliError(f'{path} holds no evaluations, or a value that is not a finite number')
-    return rows
-
-def loss_chart(rows, width=50):
-    """One line per evaluation, the val loss as a bar: the lowest loss gets one '#', the highest `width`."""
-    lo, hi = min(r[2] for r in rows), max(r[2] for r in rows)
-    lines = [f'{"step":>6} {"train":>7} {"val":>7}  (nats/char)']
-    for step, train_loss, val_loss in rows:
-        lines.append(f'{step:6d} {train_loss:7.4f} {val_loss:7.4f}  {"#" * (1 + round((val_loss - lo) / max(hi - lo, 1e-9) * (width - 1)))}')
-    return '\n'.join(lines)
-
 
 # %% Harness: the command line ---------------------------------------------------------------------
 
-def number(kind, lo, hi=math.inf, lo_open=False, hi_open=False):
-    """An argparse type: an int or a finite float in the range, each end open or closed."""
+def checked(kind, ok, what):
+    """An argparse type: a finite `kind` for which ok(value) holds, else argparse's one-line error."""
     def parse(s):
         v = kind(s)
-        if not (math.isfinite(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)):
-            raise argparse.ArgumentTypeError(f'must be in {"(" if lo_open else "["}{lo:g}, {hi:g}{")" if hi_open else "]"}, got {s}')
+        if not (math.isfinite(v) and ok(v)):
+            raise argparse.ArgumentTypeError(f'must be {what}, got {s}')
         return v
     parse.__name__ = kind.__name__   # argparse names the type in its "invalid int value" message
     return parse
 
-positive_int, nonneg_int = number(int, 1), number(int, 0)
-
-DIFFUSION_ONLY = ('use_time', 'exact', 'steps', 'rule', 'semi_ar', 'show')   # meaningless for a GPT
-
-def refuse_diffusion_flags(args, causal):
-    """A flag of the diffusion model's (DIFFUSION_ONLY) given for a GPT is refused with one line."""
-    given = [flag(k) for k in DIFFUSION_ONLY if k in args.explicit]
-    if causal and given:
-        raise CliError(f'{given[0]} means nothing for a GPT (it has no noise level and writes left to right)')
+POSITIVE, NONNEG = checked(int, lambda v: v >= 1, 'at least 1'), checked(int, lambda v: v >= 0, 'at least 0')
+UNIT = checked(float, lambda v: 0 < v <= 1, 'in (0, 1]')
 
 def build_parser():
     S = SamplerConfig()
@@ -1250,104 +984,61 @@ def build_parser():
     mode.add_argument('--train', action='store_true', help='train (or --resume) a model (--gpt: the GPT twin)')
     mode.add_argument('--sample', action='store_true', help='generate text from pure noise')
     mode.add_argument('--complete', metavar='PROMPT', help='continue a prompt')
-    mode.add_argument('--infill', metavar='TEXT', help='fill the blanks [___] (or [...]: width unknown) of a text')
+    mode.add_argument('--infill', metavar='TEXT', help='fill the blanks [___] of a text, each as wide as its marker')
     mode.add_argument('--eval', action='store_true', help='the NELBO bound (a GPT: its exact NLL) on the val split')
-    mode.add_argument('--score', metavar='FILE', help='bits/char of the text in FILE under the model')
-    mode.add_argument('--show-noise', metavar='TEXT', help='print the forward process on TEXT')
-    mode.add_argument('--plot', nargs='*', metavar='DIR', help='a terminal chart of each DIR/log.csv (default: --out-dir)')
-    shape = p.add_argument_group('model (default: from --preset)')
-    shape.add_argument('--preset', choices=['auto', *PRESETS], default='auto', help='auto (default): base on cuda, else tiny')
-    for name in ('n_layer', 'n_head', 'n_embd', 'block_size'):
-        shape.add_argument(flag(name), type=positive_int)
-    shape.add_argument('--dropout', type=number(float, 0, 1, hi_open=True))
-    shape.add_argument('--no-time', dest='use_time', action='store_false', default=None,
-                       help='no adaLN: the model is not told t and sees only the masks')
-    shape.add_argument('--gpt', dest='causal', action='store_true', default=None,
-                       help='with --train: the GPT twin (causal attention, next-character loss; into out-gpt/)')
-    p.add_argument('--exact', action='store_true', default=None,
-                   help='with --eval: the exact likelihoods of two unmasking orders (slow; fewer windows)')
-    trainer = p.add_argument_group('training (default: from --preset and RECIPE)')
-    trainer.add_argument('--batch-size', type=positive_int)
-    trainer.add_argument('--max-iters', type=nonneg_int, help='0: build, evaluate, save')
-    trainer.add_argument('--eval-interval', type=positive_int)
-    trainer.add_argument('--eval-iters', type=positive_int, help=f'batches per loss estimate (--eval: {EVAL_BATCHES})')
-    trainer.add_argument('--lr', type=number(float, 0, lo_open=True))
-    trainer.add_argument('--train-fraction', type=number(float, 0, 1, lo_open=True), metavar='F',
-                         help='train on the first F of the training split (1); the val text stays whole')
-    trainer.add_argument('--resume', action='store_true', help='continue from <out-dir>/ckpt.pt')
-    sampler = p.add_argument_group('generation')
-    sampler.add_argument('--rule', choices=['confidence', 'ancestral', 'random'], help=f'which proposals to commit ({S.rule})')
-    sampler.add_argument('--steps', type=positive_int, help=f'denoising steps per block ({S.steps})')
-    sampler.add_argument('--semi-ar', type=nonneg_int, metavar='N', help=f'blocks of N masks, left to right; 0: off ({S.semi_ar})')
-    sampler.add_argument('--temperature', type=number(float, 0),
-                         help=f'0: argmax ({S.temperature:g}; {INFILL_TEMPERATURE:g} for one --infill)')
-    sampler.add_argument('--top-p', type=number(float, 0, 1, lo_open=True), help=f'nucleus sampling ({S.top_p:g}: all)')
-    sampler.add_argument('--num-samples', type=positive_int, default=1)
-    sampler.add_argument('--max-fill', type=positive_int, default=MAX_FILL, metavar='N',
-                         help=f'--infill: a [...] blank holds 1 to N characters ({MAX_FILL})')
-    sampler.add_argument('--length', type=positive_int, help='characters to generate (default: block_size)')
-    sampler.add_argument('--show', action='store_true', default=None, help='watch the denoising, step by step')
-    common = p.add_argument_group('common')
-    common.add_argument('--data', default=DEFAULT_DATA, help='UTF-8 text (Tiny Shakespeare, downloaded if absent)')
-    common.add_argument('--out-dir', help='where the checkpoint lives (default out/; out-gpt/ for --train --gpt)')
-    common.add_argument('--device', help='cuda, mps or cpu (default: the best available)')
-    common.add_argument('--dtype', choices=['auto', 'float32', 'bfloat16'], default='auto',
-                        help='training precision (auto: bf16 where the hardware has it natively)')
-    common.add_argument('--seed', type=number(int, 0, 2 ** 63 - 1), default=SEED)
+    p.add_argument('--exact', action='store_true', help='with --eval: two exact likelihoods too (slow; fewer windows)')
+    p.add_argument('--preset', choices=['auto', *PRESETS], default='auto', help='auto: base on cuda, else tiny')
+    for name in ('--n-layer', '--n-head', '--n-embd', '--block-size', '--batch-size', '--eval-interval'):
+        p.add_argument(name, type=POSITIVE, help='default: from --preset')
+    p.add_argument('--dropout', type=checked(float, lambda v: 0 <= v < 1, 'in [0, 1)'))
+    p.add_argument('--no-time', dest='use_time', action='store_false', default=None, help='no adaLN: t is not told')
+    p.add_argument('--gpt', dest='causal', action='store_true', default=None, help='--train the GPT twin (out-gpt/)')
+    p.add_argument('--max-iters', type=NONNEG, help='0: build, evaluate, save')
+    p.add_argument('--eval-iters', type=POSITIVE, help=f'batches per loss estimate (--eval: {EVAL_BATCHES})')
+    p.add_argument('--lr', type=checked(float, lambda v: v > 0, 'above 0'))
+    p.add_argument('--train-fraction', type=UNIT, metavar='F', help='train on the first F of the training split')
+    p.add_argument('--resume', action='store_true', help='continue from <out-dir>/ckpt.pt')
+    p.add_argument('--rule', choices=['confidence', 'ancestral', 'random'], help=f'what a step commits ({S.rule})')
+    p.add_argument('--steps', type=POSITIVE, help=f'denoising steps per block ({S.steps})')
+    p.add_argument('--semi-ar', type=NONNEG, metavar='N', help=f'blocks of N masks, left to right ({S.semi_ar}; 0 off)')
+    p.add_argument('--temperature', type=checked(float, lambda v: v >= 0, 'at least 0'), help='0: argmax')
+    p.add_argument('--top-p', type=UNIT, help=f'nucleus sampling ({S.top_p:g}: all)')
+    p.add_argument('--num-samples', type=POSITIVE, default=1)
+    p.add_argument('--length', type=POSITIVE, help='characters to generate (default: block_size)')
+    p.add_argument('--show', action='store_true', help='watch the denoising, step by step')
+    p.add_argument('--data', default=DEFAULT_DATA, help='UTF-8 text (default: input.txt, Tiny Shakespeare)')
+    p.add_argument('--out-dir', help='where the checkpoint lives (default out/; out-gpt/ for --train --gpt)')
+    p.add_argument('--device', help='cuda, mps or cpu (default: the best available)')
+    p.add_argument('--dtype', choices=['auto', 'float32', 'bfloat16'], default='auto', help='training precision')
+    p.add_argument('--seed', type=checked(int, lambda v: 0 <= v < 2 ** 63, 'in [0, 2**63)'), default=SEED)
     return p
 
-GPT_DECAY_FRAC = 0.2   # the GPT twin's own screen: its lr decays over the last 20% (RECIPE: 0.5)
-
 def resolve(args, device):
-    """Fill the training flags left unset from the preset and RECIPE, and the machine's choices."""
-    kind = device.split(':')[0]
-    preset = args.preset if args.preset != 'auto' else ('base' if kind == 'cuda' else 'tiny')
-    refuse_diffusion_flags(args, args.causal)
-    values = {**RECIPE, **PRESETS[preset], 'train_fraction': 1.0}
+    """Fill the training flags left unset from the preset and RECIPE: one recipe on every machine."""
+    args.preset = args.preset if args.preset != 'auto' else ('base' if device.startswith('cuda') else 'tiny')
+    values = {**RECIPE, **PRESETS[args.preset], 'train_fraction': 1.0}
     if args.causal:                      # the GPT twin: no time input, its own decay (lab/README.md)
         values['use_time'], values['decay_frac'] = False, GPT_DECAY_FRAC
-    if preset == 'tiny' and kind != 'cuda' and not uses_bf16(device, args.dtype):
-        values['max_iters'] = TINY_FP32_ITERS
     for k, v in values.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
-    if args.loss == 'naive':             # the first recipe as taught (the lab sets it): k uniform
-        args.t_proposal = 'uniform'
     if args.n_embd % args.n_head or (args.n_embd // args.n_head) % 2:
         raise CliError(f'--n-embd {args.n_embd} must split into --n-head {args.n_head} heads of even size')
-    return preset
-
-def run_show_noise(args):
-    if not args.show_noise:
-        raise CliError('give some text to show the forward process on')
-    print(show_noise(args.show_noise, Tokenizer(sorted(set(load_text(args.data)))), args.seed))
-    return 0
-
-def run_plot(args):
-    for d in args.plot or [args.out_dir or 'out']:
-        print(f'{d}:\n{loss_chart(read_log(d))}')
-    return 0
 
 def main(argv=None):
     for stream in (sys.stdout, sys.stderr):   # a terminal that cannot draw the mask glyph gets an escape
-        if hasattr(stream, 'reconfigure'):
-            stream.reconfigure(errors='backslashreplace')
+        getattr(stream, 'reconfigure', lambda **kw: None)(errors='backslashreplace')
     args = build_parser().parse_args(argv)
     args.explicit = {k for k, v in vars(args).items() if v is not None}
     args.causal = bool(args.causal)
     try:
-        if args.out_dir is None and args.plot is None:
-            args.out_dir = 'out-gpt' if args.train and args.causal else 'out'
-        if args.causal and not args.train:
-            raise CliError('--gpt is for --train; every other mode reads the kind from the checkpoint')
-        if args.exact and not args.eval:
-            raise CliError('--exact is for --eval')
+        if args.causal and not args.train or args.exact and not args.eval:
+            raise CliError('--gpt is for --train (other modes read the kind from the checkpoint); --exact for --eval')
+        args.out_dir = args.out_dir or ('out-gpt' if args.train and args.causal else 'out')
         if args.train:
             train(args)
             return 0
-        modes = {'show_noise': run_show_noise, 'plot': run_plot, 'eval': run_eval, 'score': run_score}
-        mode = next((fn for name, fn in modes.items() if getattr(args, name) not in (None, False)), run_generation)
-        return mode(args)
+        return run_eval(args) if args.eval else run_generation(args)
     except CliError as e:
         print(f'error: {e}', file=sys.stderr)
         return 1

@@ -20,9 +20,12 @@ before them; lab/README.md gives each with its figure and the commit that measur
 
 import argparse
 import ast
+import contextlib
+import csv
 import math
 import os
 import re
+import statistics
 import sys
 import time
 
@@ -59,7 +62,7 @@ def counting(model):
     return rows
 
 def load(args):
-    model, tok, ckpt = mdlm.load_for_inference(args)
+    model, tok, ckpt = mdlm.load_model(args.out_dir, mdlm.pick_device(args.device))
     return model, tok, ckpt, next(model.parameters()).device
 
 
@@ -106,7 +109,7 @@ def load_judge(out_dir, tok, device):
     """--judge DIR: the GPT checkpoint that scores samples; it must read the same characters."""
     if out_dir is None:
         raise mdlm.CliError('give --judge DIR: the GPT checkpoint that scores the samples')
-    judge, judge_tok = mdlm.model_from_checkpoint(mdlm.load_checkpoint(os.path.join(out_dir, 'ckpt.pt')), device)
+    judge, judge_tok, _ = mdlm.load_model(out_dir, device)
     if not judge.config.causal:
         raise mdlm.CliError(f'{out_dir}/ckpt.pt is a diffusion model; a judge must be a GPT '
                             f'(train one with: python mdlm.py --train --gpt)')
@@ -218,27 +221,6 @@ def infill_accuracy(model, tok, train_text, val_text, sampler, generator, length
         rows.append((length, exact / n, right / (n * length)))
     return rows
 
-@torch.no_grad()
-def unknown_width_accuracy(model, tok, val_text, sampler, generator, max_fill, lengths=(1, 3, 5), n=100):
-    """The same questions with the width hidden, as --infill's [...] fills them: every width 1..max_fill
-    filled and scored (mdlm.width_candidates), the likeliest kept by total nats or by nats per character.
-    Per length and rule: (the share of widths found, the share of exact words, the mean width kept)."""
-    rows = []
-    for length in lengths:
-        hits = {'total': [0, 0, 0], 'per char': [0, 0, 0]}
-        questions = blanked_words(val_text, length, n)
-        for text, start, word in questions:
-            ids = tok.encode(text[:start]) + [mdlm.UNKNOWN] + tok.encode(text[start + length:])
-            candidates = mdlm.width_candidates(model, ids, max_fill, sampler, generator)
-            for rule, per_char in (('total', False), ('per char', True)):
-                fill = min(candidates, key=lambda c: c[2] / (c[1].size(1) if per_char else 1))[0]
-                hits[rule][0] += len(fill) == length
-                hits[rule][1] += tok.decode(fill) == word
-                hits[rule][2] += len(fill)
-        n_q = len(questions)
-        rows.append((length, {rule: (w / n_q, e / n_q, total / n_q) for rule, (w, e, total) in hits.items()}))
-    return rows
-
 def run_infill_eval(args):
     model, tok, _, device = load(args)
     text = mdlm.load_text(args.data)
@@ -248,15 +230,6 @@ def run_infill_eval(args):
            else f'fills with --infill\'s sampler: {sampler}')
     print(f'infill: {args.questions} blanked val words per length, each given with its line and the two before; {how}')
     g = torch.Generator(device=device).manual_seed(args.seed)
-    if args.unknown_width:
-        if model.config.causal:
-            raise mdlm.CliError('--unknown-width is for a diffusion model (a GPT cannot fill a blank)')
-        print(f'the width hidden ([...], 1 to {args.max_fill} characters tried), {args.questions} words per length:')
-        for length, rules in unknown_width_accuracy(model, tok, text[split:], sampler, g, args.max_fill,
-                                                    n=args.questions):
-            print(f'  {length}-letter words: ' + '; '.join(f'by {rule}: width found {w:.0%} (mean width kept {m:.1f}), '
-                                                           f'exact {e:.0%}' for rule, (w, e, m) in rules.items()))
-        return 0
     for length, exact, chars in infill_accuracy(model, tok, text[:split], text[split:], sampler, g, n=args.questions):
         print(f'  {length}-letter words: {exact:.0%} exact, {chars:.0%} of letters right')
     return 0
@@ -281,66 +254,69 @@ def run_eval_windows(args):
 def fused_attention(q, k, v, causal, dropout=0.0):
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal)
 
-def best_time(variants, n, sync):
-    """Three rounds, the variants taking turns, the best round of each: a noisy machine slows some
-    rounds, and taking turns keeps a slow spell from landing on one variant only."""
-    best = {name: float('inf') for name in variants}
-    for _ in range(3):
+def median_times(variants, n, sync):
+    """Each variant's median over n calls, the variants taking turns call by call, as a run's steps
+    follow each other: what a run pays a step, not its best moment. One untimed call each first."""
+    times = {name: [] for name in variants}
+    for fn in variants.values():
+        fn()
+    for _ in range(n):
         for name, fn in variants.items():
+            sync()
+            tic = time.perf_counter()
             fn()
             sync()
-            tic = time.time()
-            for _ in range(n):
-                fn()
-            sync()
-            best[name] = min(best[name], (time.time() - tic) / n)
-    return best
+            times[name].append(time.perf_counter() - tic)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 def run_bench(args):
-    """Training step speed (as mdlm trains: the attention formula on a CPU in bf16, PyTorch's fused
-    kernel elsewhere; the fused kernel always; the GPT twin), then sampling speed per rule and for
-    the GPT's own loop (inference is float32: the fused kernel).
-    Random tokens, no data needed: speed does not depend on what the text says."""
+    """Training step speed as a run sees it: real steps on the text (a training_batch with the
+    recipe's proposal, then train_step at the preset's lr, under the run's precision), the median
+    of --iters of each, for the diffusion model as mdlm trains it (the attention formula on a CPU
+    in bf16, PyTorch's fused kernel elsewhere), with the fused kernel always, and for the GPT twin;
+    the optimizer step alone; then sampling speed per rule and for the GPT's own loop."""
     device = mdlm.pick_device(args.device)
     sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
     p = mdlm.PRESETS[args.preset]
     shape = dict(n_layer=p['n_layer'], n_head=p['n_head'], n_embd=p['n_embd'], block_size=p['block_size'])
     B, T = args.batch_size or p['batch_size'], p['block_size']
     autocast = mdlm.autocast_for(device, args.dtype)
+    bf16 = autocast is not contextlib.nullcontext
+    text = mdlm.load_text(args.data)
+    tok = mdlm.Tokenizer(sorted(set(text)))
+    data = mdlm.split_data(text, tok, T)[0].to(device)
     g = torch.Generator(device=device).manual_seed(args.seed)
-    x0 = torch.randint(65, (B, T), device=device, generator=g)
-    ns_dtype = torch.bfloat16 if mdlm.uses_bf16(device, args.dtype) else torch.float32
     models = {}
     for kind, extra in (('diffusion', dict(use_time=p['use_time'])), ('gpt', dict(use_time=False, causal=True))):
         torch.manual_seed(args.seed)
-        m = mdlm.MDLM(mdlm.ModelConfig(vocab_size=66, dropout=0.0, **shape, **extra)).to(device)
-        models[kind] = (m, mdlm.make_optimizers(m, 1e-4, 0.1, args.optimizer, ns_dtype, fused=device.startswith('cuda')))
+        m = mdlm.MDLM(mdlm.ModelConfig(vocab_size=tok.vocab_size, dropout=p['dropout'], **shape, **extra)).to(device)
+        models[kind] = (m, mdlm.make_optimizers(m, p['lr'], mdlm.RECIPE['weight_decay'], args.optimizer,
+                                                torch.bfloat16 if bf16 else torch.float32,
+                                                fused=device.startswith('cuda')))
     print(f'bench: device {device} | preset {args.preset} | {models["diffusion"][0].num_params() / 1e6:.2f}M parameters | '
-          f'batch {B} x block {T} | {"bfloat16 autocast" if ns_dtype == torch.bfloat16 else "float32"} | '
-          f'threads {torch.get_num_threads()}')
-    for name in ('adamw', 'muon'):           # the optimizer's step alone, on the gradients of one batch
-        model = models['diffusion'][0]
-        opts = mdlm.make_optimizers(model, 1e-4, 0.1, name, ns_dtype)
-        mdlm.batch_loss(model, *mdlm.training_batch(x0.flatten(), B, T, 65, g, False)).backward()
-        dt = best_time({name: lambda: [opt.step() for opt in opts]}, args.iters, sync)[name]
-        print(f'optimizer step ({name}{", Newton-Schulz in " + str(ns_dtype)[6:] if name == "muon" else ""}): '
-              f'{dt * 1000:.1f} ms')
-        model.zero_grad(set_to_none=True)
+          f'batch {B} x block {T} | {"bfloat16 autocast" if bf16 else "float32"} | threads {torch.get_num_threads()} | '
+          f'medians of {args.iters} steps')
     lesson_attention = mdlm.attention
     def step(kind, attention):
         mdlm.attention = attention
-        model, opt = models[kind]
-        batch = mdlm.training_batch(x0.flatten(), B, T, 65, g, kind == 'gpt')
-        mdlm.train_step(model, opt, batch, 1e-4, autocast=autocast)
+        model, opts = models[kind]
+        batch = mdlm.training_batch(data, B, T, tok.mask_id, g, kind == 'gpt', mdlm.RECIPE['t_proposal'])
+        mdlm.train_step(model, opts, batch, p['lr'], autocast=autocast)
         mdlm.attention = lesson_attention
     variants = {'diffusion, as mdlm trains': lambda: step('diffusion', lesson_attention),
                 'diffusion, fused sdpa always': lambda: step('diffusion', fused_attention),
                 'the GPT twin, as mdlm trains': lambda: step('gpt', lesson_attention)}
-    best = best_time(variants, args.iters, sync)
-    for name, dt in best.items():
+    median = median_times(variants, args.iters, sync)
+    for name, dt in median.items():
         print(f'train ({name}): {dt * 1000:.1f} ms/step, {B * T / dt:,.0f} tok/s')
-    mine, fused, gpt = best.values()
+    mine, fused, gpt = median.values()
     print(f'as mdlm trains / fused always: {mine / fused:.2f}x the time; diffusion step / GPT step: {mine / gpt:.2f}x')
+    model, opts = models['diffusion']             # the optimizer's step alone, on the gradients of one batch
+    mdlm.batch_loss(model, *mdlm.training_batch(data, B, T, tok.mask_id, g, False)).backward()
+    opt_step = median_times({'opt': lambda: [opt.step() for opt in opts]}, args.iters, sync)['opt']
+    ns = f', Newton-Schulz in {"bfloat16" if bf16 else "float32"}' if args.optimizer == 'muon' else ''
+    print(f'optimizer step ({args.optimizer}{ns}): {opt_step * 1000:.1f} ms')
+    model.zero_grad(set_to_none=True)
     L, N = args.length or T, args.num_samples
     model, gpt = models['diffusion'][0].eval(), models['gpt'][0].eval()
     calls = counting(model)
@@ -396,9 +372,21 @@ def run_show_noise(args):
                  'the forward process: each character masked with probability t')
     return 0
 
+def read_log(out_dir):
+    """<out_dir>/log.csv as (step, train loss, val loss) rows."""
+    path = os.path.join(out_dir, 'log.csv')
+    try:
+        with open(path, newline='') as f:
+            rows = [(int(r['step']), float(r['train_loss']), float(r['val_loss'])) for r in csv.DictReader(f)]
+    except (OSError, KeyError, ValueError, TypeError):
+        raise mdlm.CliError(f'no readable training log at {path}; train with --out-dir {out_dir} first')
+    if not rows or not all(math.isfinite(v) for r in rows for v in r[1:]):
+        raise mdlm.CliError(f'{path} holds no evaluations, or a value that is not a finite number')
+    return rows
+
 def run_plot(args):
     """The training curves of each run in one picture: val solid, train dotted."""
-    logs = {d: mdlm.read_log(d) for d in args.plot}
+    logs = {d: read_log(d) for d in args.plot}
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (d, rows) in enumerate(logs.items()):
@@ -411,14 +399,33 @@ def run_plot(args):
     save_picture(fig, args.png)
     return 0
 
+@torch.no_grad()
+def ce_per_noise_level(model, data, ts, n_batches, batch_size, seed=mdlm.EVAL_SEED):
+    """Masked CE (nats per masked char) at fixed t, exactly tL masks as in training, every t on the same
+    windows: how hard each noise level is. Its mean over t = k/L, k = 1..L, is the NELBO (1/k cancels k)."""
+    model.eval()
+    g = torch.Generator(device=data.device).manual_seed(seed + 1)
+    rows = []
+    for t in ts:
+        windows = torch.Generator(device=data.device).manual_seed(seed)
+        total, count = 0.0, 0
+        for _ in range(n_batches):
+            x0 = mdlm.get_batch(data, batch_size, model.config.block_size, windows)
+            tt = torch.full((batch_size,), round(t * x0.size(1)) / x0.size(1), device=data.device)
+            xt, mask = mdlm.forward_mask(x0, tt, model.config.vocab_size - 1, g, exact=True)
+            total += mdlm.masked_ce(model(xt, tt), x0, mask).sum().item()
+            count += mask.sum().item()
+        rows.append(total / max(count, 1))
+    return rows
+
 def run_noise_levels(args):
-    """--eval's table of the masked cross-entropy per noise level, drawn (the same windows and batches)."""
+    """The masked cross-entropy per noise level on val, drawn: 25 batches, the same windows at every t."""
     model, tok, ckpt, device = load(args)
     if model.config.causal:
         raise mdlm.CliError('a GPT has no noise level: --noise-levels is for a diffusion model')
     _, val_data = mdlm.split_data(mdlm.load_text(args.data), tok, model.config.block_size)
     ts = [round(0.1 * i, 1) for i in range(1, 11)]
-    ces = mdlm.ce_per_noise_level(model, val_data.to(device), ts, mdlm.EVAL_BATCHES // 4, ckpt['args']['batch_size'])
+    ces = ce_per_noise_level(model, val_data.to(device), ts, mdlm.EVAL_BATCHES // 4, ckpt['args']['batch_size'])
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(ts, ces, marker='o')
@@ -458,8 +465,6 @@ def build_parser():
     mode.add_argument('--plot', nargs='+', metavar='DIR', help='picture: the training curves of each DIR/log.csv')
     mode.add_argument('--noise-levels', action='store_true', help='picture: val cross-entropy per noise level')
     mode.add_argument('--frames', action='store_true', help='picture: nine frames of a sample coming out of noise')
-    p.add_argument('--unknown-width', action='store_true', help='--infill-eval: the same words, width hidden')
-    p.add_argument('--max-fill', type=int, default=mdlm.MAX_FILL, help='--unknown-width: the widest fill tried')
     p.add_argument('--questions', type=int, default=100, help='--infill-eval: words per length')
     p.add_argument('--png', metavar='FILE', help='the picture\'s file (the picture modes need it; --frontier may)')
     p.add_argument('--out-dir', default='out', help='the model (default out/)')
@@ -473,7 +478,7 @@ def build_parser():
     p.add_argument('--top-p', type=float)
     p.add_argument('--preset', choices=list(mdlm.PRESETS), default='tiny', help='--bench: the shape timed')
     p.add_argument('--batch-size', type=int, help='--bench (default: the preset\'s)')
-    p.add_argument('--iters', type=int, default=10, help='--bench: steps per timed round')
+    p.add_argument('--iters', type=int, default=30, help='--bench: timed steps of each variant')
     p.add_argument('--dtype', choices=['auto', 'float32', 'bfloat16'], default='auto')
     p.add_argument('--optimizer', choices=['adamw', 'muon'], default=mdlm.RECIPE['optimizer'], help='--bench')
     p.add_argument('--device')
