@@ -100,17 +100,12 @@ def test_the_data_is_tiny_shakespeare_in_the_repository_and_its_tokenizer_round_
     with pytest.raises(mdlm.CliError, match="'@'"):
         tok.encode('hello @ world')
 
-def test_split_is_90_10(text, tok):
+def test_split_is_90_10_and_batches_are_windows_of_the_text(text, tok):
     train, val = mdlm.split_data(text, tok, 64)
     assert len(train) == int(0.9 * len(text)) and len(train) + len(val) == len(text)
     assert tok.decode(val[:20].tolist()) == text[len(train):len(train) + 20]
-
-def test_get_batch_windows_are_contiguous_text(text, tok):
-    data = torch.tensor(tok.encode(text[:5000]))
-    x = mdlm.get_batch(data, 4, 16, torch.Generator().manual_seed(0))
-    assert x.shape == (4, 16)
-    for row in x:
-        assert tok.decode(row.tolist()) in text[:5000]
+    x = mdlm.get_batch(train[:5000], 4, 16, torch.Generator().manual_seed(0))
+    assert x.shape == (4, 16) and all(tok.decode(row.tolist()) in text[:5000] for row in x)
 
 # --- 3. the forward process -----------------------------------------------------------------------
 @pytest.mark.parametrize('t', [0.0, 0.1, 0.5])
@@ -141,11 +136,9 @@ def test_show_noise_picture(tok):
 
 # --- 4. the model ---------------------------------------------------------------------------------
 def test_shapes_and_mask_never_predicted():
-    model = tiny_model()
-    x = torch.randint(66, (3, 32))
+    model, x = tiny_model(), torch.randint(66, (3, 32))
     logits = model(x, torch.rand(3))
-    assert logits.shape == (3, 32, 66)
-    assert torch.isinf(logits[..., MASK]).all() and torch.isfinite(logits[..., :MASK]).all()
+    assert logits.shape == (3, 32, 66) and torch.isinf(logits[..., MASK]).all() and torch.isfinite(logits[..., :MASK]).all()
     assert model(x[:, :7], torch.rand(3)).shape == (3, 7, 66), 'shorter than block_size works'
 
 def test_parameter_counts():
@@ -218,11 +211,11 @@ def test_gpt_is_causal_and_diffusion_is_not():
         assert not torch.allclose(diffusion(x, t)[:, :20], diffusion(y, t)[:, :20], atol=1e-4), 'both ways'
 
 def test_attention_dropout_is_on_in_training_only():
-    model = tiny_model(dropout=0.5)
-    x = torch.randint(65, (2, 32))
-    assert torch.equal(model(x, torch.rand(2)), model(x, torch.rand(2))), 'eval mode: deterministic'
-    model.train()
-    assert not torch.equal(model(x, torch.zeros(2)), model(x, torch.zeros(2)))
+    attn, x = tiny_model(dropout=0.5).blocks[0].attn, torch.randn(2, 32, 32)    # the attention alone
+    rope = (tiny_model().rope_cos, tiny_model().rope_sin)
+    assert torch.equal(attn(x, rope), attn(x, rope)), 'eval mode: deterministic'
+    attn.train()
+    assert not torch.equal(attn(x, rope), attn(x, rope)), 'training: the attention weights are dropped out'
 
 # --- 5. the loss ----------------------------------------------------------------------------------
 def test_stratified_uniform_k_hits_every_count_once_with_weight_one():
@@ -235,24 +228,21 @@ def test_stratified_uniform_k_hits_every_count_once_with_weight_one():
     counts = torch.bincount((many * L).round().long(), minlength=L + 1)[1:].double()
     assert (counts - len(many) / L).abs().max() < 5 * math.sqrt(len(many) / L), 'still uniform on 1..L'
 
-def test_untrained_loss_is_about_log_65(text, tok):
-    """[MASK] is out of the softmax, so chance level is log 65 = 4.17 (log 66 = 4.19 with it)."""
-    data = torch.tensor(tok.encode(text[:100000]))
-    model = tiny_model()
-    g = torch.Generator().manual_seed(0)
-    x0 = mdlm.get_batch(data, 512, 32, g)    # the 1/k weight makes one small batch's NELBO noisy
-    t = mdlm.draw_t(512, 32, g, 'cpu')[0]
-    xt, mask = mdlm.forward_mask(x0, t, MASK, g, exact=True)
+def test_initial_loss_is_log_65_because_mask_is_never_predicted(text, tok):
+    """Zeroed embeddings (tied to the head) make every logit 0 but [MASK]'s, -inf (SUBS): each masked
+    character costs log 65, and so do the NELBO, the pooled loss and the GPT's NLL. Were [MASK] a
+    possible answer (its logit 0, set here by hand), the same model would score log 66."""
+    data = torch.tensor(tok.encode(text[:10000]))
+    model, gpt = tiny_model(), tiny_gpt()
     with torch.no_grad():
+        model.tok_emb.weight.zero_(), gpt.tok_emb.weight.zero_()
+        x0, xt, mask, t, w = mdlm.training_batch(data, 16, 32, MASK, torch.Generator().manual_seed(0), False)
         logits = model(xt, t)
-        nelbo = mdlm.nelbo_loss(logits, x0, mask, t).item()
-        naive = mdlm.batch_loss(model, x0, xt, mask, t, None, 'naive').item()
-    assert abs(naive - math.log(65)) < 0.1, naive
-    assert abs(nelbo - math.log(65)) < 0.15, nelbo
-    est, _ = mdlm.estimate_loss(model, data, 4, 32)
-    assert abs(est - math.log(65)) < 0.1, est
-    gpt, _ = mdlm.estimate_loss(tiny_gpt(), data, 4, 32)      # its start token's logit is -inf too, like [MASK]'s
-    assert abs(gpt - math.log(65)) < 0.05, gpt
+        assert mdlm.nelbo_loss(logits, x0, mask, t).item() == pytest.approx(math.log(65), abs=1e-5)
+        assert mdlm.batch_loss(model, x0, xt, mask, t, w, 'naive').item() == pytest.approx(math.log(65), abs=1e-5)
+        assert mdlm.estimate_loss(gpt, data, 2, 16)[0] == pytest.approx(math.log(65), abs=1e-5)
+        logits[..., MASK] = 0.0
+        assert mdlm.nelbo_loss(logits, x0, mask, t).item() == pytest.approx(math.log(66), abs=1e-5)
 
 def test_nelbo_weights_by_one_over_t_and_length():
     logits = torch.zeros(2, 4, 66)   # uniform: CE = log 66 at every position
@@ -262,18 +252,8 @@ def test_nelbo_weights_by_one_over_t_and_length():
     expected = (1 / (0.25 * 4) * 1 + 1 / (0.5 * 4) * 3) / 2 * math.log(66)
     assert abs(mdlm.nelbo_loss(logits, x0, mask, t).item() - expected) < 1e-5
 
-def test_one_over_t_integrates_the_chance_of_k_masks_to_one_over_k():
-    """The lesson's step from t to k: integral_0^1 (1/t) C(L,k) t^k (1-t)^(L-k) dt = 1/k."""
-    L = 7
-    ts = (torch.arange(200000, dtype=torch.float64) + 0.5) / 200000
-    for k in range(1, L + 1):
-        integral = (math.comb(L, k) * ts ** (k - 1) * (1 - ts) ** (L - k)).mean().item()
-        assert integral == pytest.approx(1 / k, rel=1e-4), k
-
 class MaskRateModel(torch.nn.Module):
-    """A fake denoiser whose loss depends strongly on the mask rate m of its input: the right
-    token (0) gets logit 6 (1 - m). Its NELBO integrand runs from ~0 at small t to log 65 at t = 1,
-    so a proposal weighed wrongly would show at once."""
+    """A fake denoiser whose loss runs from ~0 at small t to log 65 at t = 1: the right token gets logit 6 (1 - t)."""
     def __init__(self):
         super().__init__()
         self.config = mdlm.ModelConfig(vocab_size=66, block_size=16)
@@ -608,7 +588,7 @@ def lesson_and_harness():
     assert len(marks) == 1, 'one marked line ends the lesson'
     return '\n'.join(lines[:marks[0]]), '\n'.join(lines[marks[0]:])
 
-def test_the_lesson_never_calls_into_the_harness():
+def test_the_lesson_never_calls_into_the_harness_and_the_file_stays_small():
     lesson, harness = lesson_and_harness()
     below = set()
     for node in ast.parse(harness).body:
@@ -626,10 +606,20 @@ def test_the_lesson_never_calls_into_the_harness():
         assert f'def {name}(' in lesson, f'{name} is part of the lesson'
     for name in ('train', 'save_checkpoint', 'ddp_setup', 'build_parser', 'main'):
         assert f'def {name}(' in harness, f'{name} is harness'
+    assert lesson.count('\n') < 600 and harness.count('\n') <= 450, 'the lesson: at most 600 lines, the harness 450'
+    wide = [i for i, line in enumerate((lesson + '\n' + harness).split('\n'), 1) if len(line) > 120]
+    assert not wide, f'lines over 120 columns: {wide}'
+    tree = ast.parse(lesson + '\n' + harness)
+    long = [(n.name, n.end_lineno - n.lineno + 1) for n in ast.walk(tree)
+            if isinstance(n, ast.FunctionDef) and n.end_lineno - n.lineno + 1 > 60]
+    assert not long, f'functions over 60 lines: {long}'
+    lesson_fns = [n for n in ast.walk(ast.parse(lesson)) if isinstance(n, ast.FunctionDef)]
+    assert all(len(n.args.args) <= 8 for n in lesson_fns), 'no lesson function takes more than 8 parameters'
+    options = {o for a in mdlm.build_parser()._actions for o in a.option_strings if o.startswith('--')}
+    assert len(options) <= 35, sorted(options)
 
 def sharp_model(use_time=True):
-    """A 3-character model (+ [MASK]) with large random weights, adaLN included: its predictions
-    depend strongly on the input and on t, in eval mode."""
+    """A 3-character model (+ [MASK]) with large random weights: predictions that depend strongly on x and t."""
     torch.manual_seed(0)
     model = mdlm.MDLM(mdlm.ModelConfig(vocab_size=4, block_size=4, n_layer=2, n_head=2, n_embd=16,
                                        dropout=0.0, use_time=use_time)).eval()
@@ -642,9 +632,7 @@ ALL_STRINGS = torch.tensor(list(itertools.product(range(3), repeat=4)))   # ever
 
 @pytest.mark.parametrize('use_time', [True, False])
 def test_exact_likelihoods_sum_to_one_over_all_strings(use_time):
-    """Both orders choose from the visible input only, so p(x) over all 81 strings sums to 1; an
-    order that peeks at the hidden characters (reveal first where the true one is likeliest) does
-    not. The model runs in float32 (its forward's output), the sums in float64: hence the tolerance."""
+    """Orders chosen from the visible input: p(x) sums to 1 over all 81 strings; an order that peeks does not."""
     model = sharp_model(use_time)
     total = lambda order: torch.exp(-4 * mdlm.exact_nll(model, ALL_STRINGS, order).double()).sum().item()
     peek = lambda logp, masked: logp.gather(-1, ALL_STRINGS[..., None])[..., 0].masked_fill(~masked, -math.inf).argmax(1)
@@ -677,24 +665,8 @@ def test_eval_exact_prints_the_bound_and_both_orders_on_the_same_windows(trained
     assert rows['exact, surest first'] == f'{mdlm.estimate_loss(model, val, 2, 8, per_seq=surest)[0]:.4f}'
     assert rows['nelbo (bound)'] == f'{mdlm.estimate_loss(model, val, 2, 8)[0]:.4f}', 'the bound on the same windows'
 
-def test_the_file_stays_small():
-    lesson, harness = lesson_and_harness()
-    assert lesson.count('\n') < 600 and harness.count('\n') <= 450, 'the lesson: at most 600 lines, the harness 450'
-    wide = [i for i, line in enumerate((lesson + '\n' + harness).split('\n'), 1) if len(line) > 120]
-    assert not wide, f'lines over 120 columns: {wide}'
-    tree = ast.parse(lesson + '\n' + harness)
-    long = [(n.name, n.end_lineno - n.lineno + 1) for n in ast.walk(tree)
-            if isinstance(n, ast.FunctionDef) and n.end_lineno - n.lineno + 1 > 60]
-    assert not long, f'functions over 60 lines: {long}'
-    lesson_fns = [n for n in ast.walk(ast.parse(lesson)) if isinstance(n, ast.FunctionDef)]
-    assert all(len(n.args.args) <= 8 for n in lesson_fns), 'no lesson function takes more than 8 parameters'
-    options = {o for a in mdlm.build_parser()._actions for o in a.option_strings if o.startswith('--')}
-    assert len(options) <= 35, sorted(options)
-
 def test_the_file_runs_cell_by_cell_as_a_notebook(monkeypatch, capsys):
-    """Every '# %%' cell in order, in one namespace, as a Jupyter kernel runs them (no __file__,
-    ipykernel loaded, __name__ '__main__'), with 3 demo training steps: the demos load the data,
-    train, sample, complete, fill and score, and the last cell does not parse the kernel's argv."""
+    """Every '# %%' cell in order, as a Jupyter kernel runs them (no __file__, ipykernel loaded)."""
     src = open(os.path.join(HERE, 'mdlm.py'), encoding='utf-8').read()
     cells = re.split(r'(?m)^(?=# %%)', src)
     assert len(cells) >= 14, len(cells)
@@ -704,8 +676,9 @@ def test_the_file_runs_cell_by_cell_as_a_notebook(monkeypatch, capsys):
     ns = {'__name__': '__main__'}
     for i, cell in enumerate(cells):
         exec(compile(cell, f'<cell {i}>', 'exec'), ns)
-        if 'DEMO_ITERS' in ns:
+        if 'DEMO_ITERS' in ns:       # 3 steps of a smaller tiny model: the demos run, fast
             ns['DEMO_ITERS'] = 3
+            ns['PRESETS']['tiny'] = dict(ns['PRESETS']['tiny'], n_layer=2, n_head=2, n_embd=32, block_size=32)
     out = capsys.readouterr().out
     assert ns['NOTEBOOK'] is True and ns['DEFAULT_DATA'] == os.path.join(HERE, 'input.txt')
     assert '1,115,394 characters' in out and 't=1.00' in out and 'step 2 | loss' in out, out
@@ -713,21 +686,21 @@ def test_the_file_runs_cell_by_cell_as_a_notebook(monkeypatch, capsys):
     assert 'exact, left to right' in out, out
     assert mdlm.MASK_GLYPH not in out.split('step 2 | loss')[1], 'every demo after training fills all its masks'
 
-def test_importing_runs_nothing():
+def test_importing_runs_nothing(capsys):
     assert mdlm.NOTEBOOK is False, 'imported (or run as a script), no demo runs'
     before = sorted(os.listdir(HERE))
     r = subprocess.run([sys.executable, '-B', '-c', 'import mdlm'], capture_output=True, text=True, cwd=HERE)
     assert r.returncode == 0 and r.stdout == '' and r.stderr == '', r
     assert sorted(os.listdir(HERE)) == before, 'importing created files'
-    r = run_cli('--help')
-    assert r.returncode == 0 and r.stderr == '' and '--semi-ar N' in r.stdout, 'help prints no warning'
+    with pytest.raises(SystemExit) as e:
+        mdlm.main(['--help'])
+    assert e.value.code == 0 and '--semi-ar N' in capsys.readouterr().out
 
 # --- harness: the training run, checkpoints, resume -----------------------------------------------
 def test_checkpoint_round_trip_weights_only_and_the_log(trained):
     ckpt = torch.load(os.path.join(trained, 'ckpt.pt'), weights_only=True)
     assert ckpt['iter'] == 40 and ckpt['format'] == mdlm.FORMAT and not ckpt['config']['causal']
-    model, tok, _ = mdlm.load_model(trained)
-    fresh = mdlm.MDLM(mdlm.ModelConfig(**ckpt['config']))
+    (model, tok, _), fresh = mdlm.load_model(trained), mdlm.MDLM(mdlm.ModelConfig(**ckpt['config']))
     fresh.load_state_dict(ckpt['model'])
     x, t = torch.randint(66, (2, 32)), torch.rand(2)
     assert tok.vocab_size == 66 and torch.equal(model(x, t), fresh.eval()(x, t))
@@ -737,9 +710,8 @@ def test_checkpoint_round_trip_weights_only_and_the_log(trained):
     assert ckpt['args']['min_lr'] == mdlm.RECIPE['min_lr'] and ckpt['args']['t_proposal'] == 'cosine'
 
 def test_one_recipe_on_every_cpu(monkeypatch):
-    """The tiny preset's steps, lr and schedule do not depend on the CPU's bf16 (only the precision
-    does); a GPU gets base, mps tiny; flags win; the GPT twin has no t and decays over the last 20%;
-    the sampler's defaults are the config cell's."""
+    """The tiny preset's steps, lr and schedule whatever the CPU; a GPU gets base, mps tiny; flags win; the
+    GPT twin has no t and decays over the last 20%; the sampler's defaults are the config cell's."""
     def resolved(bf16, device='cpu', *argv):
         monkeypatch.setattr(mdlm, 'cpu_has_bf16', lambda: bf16)
         args = mdlm.build_parser().parse_args(['--train', *argv])
@@ -748,14 +720,13 @@ def test_one_recipe_on_every_cpu(monkeypatch):
         return args
     recipe = lambda a: (a.preset, a.max_iters, a.lr, a.min_lr, a.warmup_iters, a.decay_frac, a.optimizer, a.t_proposal)
     assert recipe(resolved(True)) == recipe(resolved(False)) == ('tiny', 5000, 3e-3, 1e-4, 100, 0.5, 'muon', 'cosine')
-    assert mdlm.autocast_for('cpu') is contextlib.nullcontext, 'without native bf16: float32'
+    assert mdlm.autocast_for('cpu') is contextlib.nullcontext, 'without native bf16: float32 (the only difference)'
     assert resolved(False, 'cpu', '--max-iters', '7').max_iters == 7, 'flags win'
     assert resolved(False, 'mps').preset == 'tiny' and resolved(False, 'cuda').preset == 'base'
-    gpt = resolved(False, 'cuda', '--gpt')
-    assert gpt.use_time is False and gpt.decay_frac == mdlm.GPT_DECAY_FRAC == 0.2 and gpt.max_iters == 5000
+    assert (gpt := resolved(False, 'cuda', '--gpt')).use_time is False and gpt.decay_frac == mdlm.GPT_DECAY_FRAC == 0.2
     args = mdlm.build_parser().parse_args(['--sample'])
     assert mdlm.sampler_from_args(args) == mdlm.SamplerConfig() and args.seed == mdlm.SEED, 'the config cell\'s'
-    assert mdlm.sampler_from_args(args, infill=True).temperature == mdlm.INFILL_TEMPERATURE == 0.0
+    assert mdlm.sampler_from_args(args, infill=True).temperature == mdlm.INFILL_TEMPERATURE == 0.0, 'one fill'
     args.num_samples = 2
     assert mdlm.sampler_from_args(args, infill=True).temperature == 1.0, 'several fills are draws'
     args = mdlm.build_parser().parse_args(['--sample', '--rule', 'ancestral', '--semi-ar', '0', '--temperature', '0.5'])
@@ -845,10 +816,9 @@ def test_resume_keeps_the_saved_settings_reports_changes_and_refuses_what_does_n
     assert torch.load(out / 'ckpt.pt', weights_only=True)['iter'] == 42, 'the checkpoint is untouched'
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
-    rc = mdlm.main(['--train', '--max-iters', '30', '--eval-interval', '5', '--lr', '1e30', '--out-dir', str(tmp_path), *TINY])
-    assert rc == 1 and 'not finite at step' in capsys.readouterr().err
-    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
-    assert all(torch.isfinite(v).all() for v in ckpt['model'].values())
+    assert mdlm.main(['--train', '--max-iters', '30', '--eval-interval', '5', '--lr', '1e30', '--out-dir', str(tmp_path),
+                      *TINY]) == 1 and 'not finite at step' in capsys.readouterr().err
+    assert all(torch.isfinite(v).all() for v in torch.load(tmp_path / 'ckpt.pt', weights_only=True)['model'].values())
 
 def test_ddp_two_processes_match_one_process_with_twice_the_batch(tmp_path):
     """torchrun with the gloo backend on CPU: 2 ranks x batch 4 give the weights of 1 process x batch 8."""
@@ -871,8 +841,7 @@ def test_damaged_checkpoints_are_refused(trained, tmp_path, capsys):
              ({'model': {}, 'step': 3}, 'not an mdlm checkpoint'), (keys, 'not an mdlm checkpoint'),
              ({**keys, 'format': 'mdlm-3'}, f'saved by an earlier mdlm.py (mdlm-3; this one reads {mdlm.FORMAT})')]
     for i, (content, needle) in enumerate(cases):     # an earlier network: its weights would load into another
-        (tmp_path / str(i)).mkdir()
-        path = tmp_path / str(i) / 'ckpt.pt'
+        (path := tmp_path / str(i) / 'ckpt.pt').parent.mkdir()
         path.write_bytes(content) if isinstance(content, bytes) else torch.save(content, path)
         assert mdlm.main(['--sample', '--out-dir', str(tmp_path / str(i)), '--device', 'cpu']) == 1
         assert needle in capsys.readouterr().err
@@ -889,7 +858,6 @@ def test_malicious_pickle_never_runs(tmp_path):
     assert b'system' in (tmp_path / 'evil' / 'ckpt.pt').read_bytes(), 'the payload is really in there'
     one_line_error(run_cli('--sample', '--out-dir', str(tmp_path / 'evil')), 'not a loadable checkpoint')
     assert not marker.exists(), 'the payload ran'
-    one_line_error(run_cli('--sample', '--out-dir', str(tmp_path / 'none')), 'python mdlm.py --train')
 
 @pytest.mark.parametrize('content,needle', [(None, 'no data file'), (b'', 'empty'),
                                             (b'\xff\xfe\x00bad', 'not UTF-8'), (b'abc\n' * 5, 'too few for block_size')])
@@ -913,7 +881,7 @@ def test_sigkill_during_checkpoint_writes_never_breaks_the_checkpoint(tmp_path):
     base = {'format': mdlm.FORMAT, 'model': {}, 'optimizer': {}, 'config': {}, 'vocab': [], 'best_val': 0.0,
             'args': {}, 'rng': {}}
     mdlm.save_checkpoint(path, dict(base, iter=0, w=torch.zeros(500_000)))
-    for delay in (0.0, 0.13, 0.31, 0.57):
+    for delay in (0.0, 0.2, 0.5):
         before = mdlm.load_checkpoint(path)['iter']
         p = subprocess.Popen([sys.executable, '-c', SAVER, path, repr(base)], cwd=HERE)
         while mdlm.load_checkpoint(path)['iter'] == before and p.poll() is None:   # until it writes
@@ -946,9 +914,9 @@ def test_cli_sample_complete_infill_show_eval(trained, capsys):
     assert mdlm.main(['--sample', '--length', '70', '--show', '--rule', 'ancestral', '--semi-ar', '0', *base]) == 0
     io_ = capsys.readouterr()
     assert len(io_.out.rstrip('\n')) == 70 and 'step    8 |' in io_.err and mdlm.MASK_GLYPH in io_.err
-    runs = [run_cli('--eval', '--out-dir', trained, '--eval-iters', '2', '--batch-size', '16') for _ in range(2)]
-    assert runs[0].returncode == 0 and runs[0].stdout == runs[1].stdout, runs[0].stderr
-    assert 'val nelbo:' in runs[0].stdout and 'train nelbo:' in runs[0].stdout and 'perplexity <=' in runs[0].stdout
+    outs = [mdlm.main(['--eval', '--out-dir', trained, '--eval-iters', '2', '--batch-size', '16']) or capsys.readouterr().out
+            for _ in range(2)]
+    assert outs[0] == outs[1] and 'val nelbo:' in outs[0] and 'train nelbo:' in outs[0] and 'perplexity <=' in outs[0]
 
 def test_cli_gpt_modes(trained_gpt, tmp_path, capsys):
     base = ['--out-dir', trained_gpt, '--device', 'cpu', '--seed', '3']
@@ -973,9 +941,7 @@ def test_gpt_generate_writes_left_to_right_past_the_context():
     assert out.shape == (3, 23) and calls == [3] * 20 and (out[:, :3] == torch.tensor([1, 2, 3])).all()
     assert not (out == MASK).any(), 'never the start token'
     assert torch.equal(out, mdlm.gpt_generate(gpt, [1, 2, 3], 20, 3, generator=torch.Generator().manual_seed(0)))
-    greedy = mdlm.gpt_generate(gpt, [1], 1, 1, temperature=0)
-    with torch.no_grad():
-        assert greedy[0, 1] == gpt(torch.tensor([[MASK, 1]]), None)[0, -1].argmax()
+    assert mdlm.gpt_generate(gpt, [1], 1, 1, temperature=0)[0, 1] == gpt(torch.tensor([[MASK, 1]]), None)[0, -1].argmax()
 
 # every refusal: one line on stderr, exit 1; {d} is the diffusion model, {g} the GPT, {tmp} a fresh directory
 REFUSALS = [
@@ -985,7 +951,6 @@ REFUSALS = [
     (['--infill', 'no blank', '--out-dir', '{d}'], 'no blank'),
     (['--sample', '--out-dir', '{tmp}/none'], 'python mdlm.py --train'),
     (['--sample', '--out-dir', '{d}', '--device', 'tpu'], 'not a device of this machine'),
-    (['--sample', '--out-dir', '{d}', '--device', 'cpu:x'], 'not a device of this machine'),
     (['--sample', '--out-dir', '{d}', '--device', 'cuda:63'], 'not a device of this machine'),
     (['--train', '--n-embd', '30', '--n-head', '4', '--data', DATA], '--n-embd 30 must split'),
     (['--train', '--resume', '--out-dir', '{d}', '--n-layer', '3', '--max-iters', '41'], 'cannot resume with n_layer 3'),
@@ -993,7 +958,6 @@ REFUSALS = [
     (['--train', '--gpt', '--max-iters', '1', '--out-dir', '{d}', *TINY], 'holds a diffusion model'),
     (['--train', '--max-iters', '1', '--out-dir', '{g}', *TINY], 'holds a GPT'),
     (['--infill', 'To [___] or not', '--out-dir', '{g}'], 'cannot fill blanks'),
-    (['--sample', '--gpt', '--out-dir', '{g}'], '--gpt is for --train'),
     (['--sample', '--exact', '--out-dir', '{d}'], '--exact for --eval'),
     (['--eval', '--out-dir', '{d}', '--data', '{tmp}/curly.txt'], "'{'"),
     (['--train', '--train-fraction', '1e-5', '--out-dir', '{tmp}/x', *TINY], 'leaves 10 characters; a window needs 33'),
@@ -1008,12 +972,11 @@ def test_refusals_are_one_line(argv, needle, trained, trained_gpt, tmp_path, cap
     assert needle in err and err.strip().splitlines()[-1].startswith('error: '), err
     assert not mdlm.load_checkpoint(os.path.join(trained, 'ckpt.pt'))['config']['causal'], 'the model is untouched'
 
-@pytest.mark.parametrize('argv', [['--sample', '--steps', '0'], ['--sample', '--steps', '-3'], ['--sample', '--length', '-3'],
-                                  ['--sample', '--num-samples', '0'], ['--train', '--batch-size', '0'],
-                                  ['--train', '--dropout', '1.5'], ['--sample', '--top-p', '0'],
-                                  ['--sample', '--temperature', 'nan'], ['--sample', '--seed', str(2 ** 70)],
-                                  ['--train', '--train-fraction', '0'], ['--train', '--train-fraction', '1.5'],
-                                  ['--train', '--sample'], ['--sample', '--top', '3'], ['--bogus']])
+@pytest.mark.parametrize('argv', [s.split() for s in (
+    '--sample --steps 0', '--sample --steps -3', '--sample --length -3', '--sample --num-samples 0', '--train --bogus',
+    '--train --batch-size 0', '--train --dropout 1.5', '--sample --top-p 0', '--sample --temperature nan',
+    f'--sample --seed {2 ** 70}', '--train --train-fraction 0', '--train --train-fraction 1.5', '--train --sample',
+    '--sample --top 3')])
 def test_cli_argument_errors(argv, capsys):
     with pytest.raises(SystemExit) as e:
         mdlm.main(argv)

@@ -54,10 +54,10 @@ def png_ok(path):
     with open(path, 'rb') as f:
         assert f.read(8) == b'\x89PNG\r\n\x1a\n', f'{path} is a PNG'
 
-def test_lab_runs_from_the_project_root_and_from_elsewhere(tmp_path):
-    for cwd in (ROOT, str(tmp_path)):
-        r = subprocess.run([sys.executable, os.path.join(HERE, 'lab.py'), '--help'], capture_output=True, text=True, cwd=cwd)
-        assert r.returncode == 0 and '--frontier' in r.stdout and r.stderr == '', r
+def test_lab_runs_from_elsewhere(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'lab.py'), '--help'], capture_output=True, text=True,
+                       cwd=str(tmp_path))    # it finds mdlm wherever it is run from
+    assert r.returncode == 0 and '--frontier' in r.stdout and r.stderr == '', r
 
 def test_frontier_scores_every_setting_and_counts_model_calls(runs, capsys, tmp_path):
     d, g = runs
