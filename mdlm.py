@@ -25,54 +25,57 @@ import torch.nn.functional as F
 
 
 # %% 1. Config -------------------------------------------------------------------------------------
-# Everything a reader would tune: the model's shape, the training recipe, the sampler. Losses are
-# in nats per character (natural log; divide by log 2 = 0.693 for bits).
+# The numbers a reader tunes, each with the section that explains it. Losses are in nats per
+# character (natural log; divide by log 2 = 0.693 for bits per character).
 
 @dataclass
-class ModelConfig:
-    vocab_size: int = 66     # 65 characters of Tiny Shakespeare + [MASK] (always the last id)
-    block_size: int = 256    # the context: the longest sequence the model reads at once
+class ModelConfig:           # section 4
+    vocab_size: int = 66     # the 65 characters of Tiny Shakespeare, and one more id that marks a hidden one
+    block_size: int = 256    # the context: the longest line of characters the model reads at once
     n_layer: int = 6
     n_head: int = 6
     n_embd: int = 384
     dropout: float = 0.2
-    use_time: bool = True    # tell the model the noise level t (section 4); it may do without
-    causal: bool = False     # True: the GPT twin, the same network reading left to right only
+    use_time: bool = True    # tell the model how much of its input is hidden (section 4)
+    causal: bool = False     # True: the same network reading left to right only, a GPT (section 4)
 
-# 'base' is shaped like nanoGPT's char-level Shakespeare GPT, for a GPU; 'tiny' for a CPU. Every eval_interval
-# steps the run scores held-out text on eval_iters batches.
+# 'base' is shaped like nanoGPT's character-level Shakespeare GPT, for a GPU; 'tiny' for a CPU. Every
+# eval_interval steps a run scores held-out text on eval_iters batches (section 9).
 PRESETS = {
     'base': dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, use_time=True,
                  batch_size=64, max_iters=5000, lr=1e-3, eval_interval=250, eval_iters=50),
     'tiny': dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, use_time=True,
                  batch_size=32, max_iters=5000, lr=3e-3, eval_interval=500, eval_iters=20),
 }
-RECIPE = dict(min_lr=1e-4, warmup_iters=100, decay_frac=0.5, weight_decay=0.1,   # shared by the presets: the lr
-              optimizer='muon', t_proposal='cosine', loss='nelbo')   # schedule, optimizer (section 6); section 5
+# Shared by the presets: the learning-rate schedule and the optimizer (section 6); how many characters
+# training hides, and the loss (section 5).
+RECIPE = dict(min_lr=1e-4, warmup_iters=100, decay_frac=0.5, weight_decay=0.1, optimizer='muon',
+              t_proposal='cosine', loss='nelbo')
 
 @dataclass
-class SamplerConfig:         # section 7 explains each
-    rule: str = 'confidence'     # which proposals to commit at each step: 'confidence', 'ancestral', 'random'
-    steps: int = 8               # denoising steps (per block, with semi_ar)
-    semi_ar: int = 8             # masks in blocks of this many, left to right (0: none); 8 = steps: a char a pass
+class SamplerConfig:             # how text is written (section 7)
+    rule: str = 'confidence'     # which hidden characters a step fills: 'confidence', 'ancestral' or 'random'
+    steps: int = 8               # steps to fill a block
+    semi_ar: int = 8             # blocks of this many hidden characters, left to right (0: one block)
     temperature: float = 1.0     # 0: always the likeliest character
-    top_p: float = 1.0           # sample only from the likeliest characters whose probabilities sum to top_p
+    top_p: float = 1.0           # draw only among the likeliest characters whose probabilities sum to top_p
 
-INFILL_TEMPERATURE = 0.0   # one fill of a blank is the model's best guess; several fills are drawn at 1
-SEED = 1337         # training's batches and noise, and sampling, unless --seed says otherwise
-EVAL_SEED = 1234    # every evaluation scores the same windows with the same masks
-MASK_GLYPH = '■'    # how a [MASK] is drawn on screen
+INFILL_TEMPERATURE = 0.0   # one fill of a blank (section 8) is the best guess; several are drawn at 1
+SEED = 1337                # training's batches and noise, and sampling, unless --seed says otherwise
+EVAL_SEED = 1234           # every evaluation scores the same text the same way (section 9)
+MASK_GLYPH = '■'           # how a hidden character is drawn on screen
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)) if '__file__' in globals()
                             else os.getcwd(), 'input.txt')   # a notebook has no __file__: its folder
 NOTEBOOK = __name__ == '__main__' and 'ipykernel' in sys.modules   # the demos run in a notebook only
-DEMO_ITERS = 1000   # training steps of the notebook's demo (one to two minutes on a laptop CPU)
+DEMO_ITERS = 1000          # training steps of the notebook's demo (section 6)
 
 class CliError(Exception):
     """Bad input (an unknown character, a text with no blank): the command line says it in one line."""
 
 # %% 2. Data ---------------------------------------------------------------------------------------
-# Tiny Shakespeare, a character tokenizer, and one extra token, [MASK]. A GPT's target is its
-# input shifted by one; here it is the clean text itself, the input that text with holes.
+# Tiny Shakespeare, a character tokenizer, and one extra id, [MASK], that stands for a hidden character
+# (V = vocab_size ids in all). x0 is a batch of clean text, (B, T): B windows of T characters. A GPT's
+# target is its input shifted by one; here the target is x0 itself, and the input x0 with holes.
 
 class Tokenizer:
     """Characters <-> ids: the sorted characters of the text, then [MASK] as the last id, V - 1."""
@@ -112,38 +115,44 @@ if NOTEBOOK:   # demo: the text (input.txt, beside this file), its vocabulary, t
           f'for training, {len(val_data):,} held out; the first 64: {tok.decode(train_data[:64].tolist())!r}')
 
 # %% 3. The forward process ------------------------------------------------------------------------
-# At time t in [0, 1] every character is replaced by [MASK] independently with probability t:
-# alpha_t = 1 - t, the chance a character is still clean, falls linearly (the "linear schedule").
-# t = 0 is the text, t = 1 a row of masks. [MASK] absorbs: a masked character stays masked as t
-# grows. That is all the corruption, and why undoing it is simple: say what was under each mask.
+# Text is destroyed a little at a time. At noise level t in [0, 1], of a window of L characters
+# (L = T) exactly k = round(tL) are replaced by [MASK], a uniformly random set of them: the result is
+# xt. t = 0 is the text, t = 1 a row of masks; each character is hidden with probability t, so
+# alpha_t = 1 - t, the chance it is still clean, falls linearly. (MDLM flips a coin of chance t for
+# each character; given how many came up, that is this process, and section 5 shows why only the count
+# matters.) [MASK] absorbs: with the same random numbers, a larger t hides more, never fewer. Undoing
+# this is the whole task: say what was under each mask.
 
-def forward_mask(x0, t, mask_id, generator=None, exact=False):
-    """x0: (B, T) clean ids; t: (B,) mask rates. Returns xt (B, T) and the mask (B, T): each character
-    whose u < t, or with exact (training, section 5) the round(tT) smallest u, a uniformly random set."""
+def forward_mask(x0, t, mask_id, generator=None):
+    """x0: (B, T) clean ids; t: (B,) noise levels. Returns xt (B, T) and the mask (B, T): in row b the
+    round(t_b T) positions with the smallest random numbers u, a uniformly random set of that size."""
     u = torch.rand(x0.shape, generator=generator, device=x0.device)
-    mask = u.argsort(1).argsort(1) < (t * x0.size(1)).round()[:, None] if exact else u < t[:, None]
+    mask = u.argsort(1).argsort(1) < (t * x0.size(1)).round()[:, None]   # each position's rank by u, 0 first
     return x0.masked_fill(mask, mask_id), mask
 
 def show_noise(text, tok, seed=0):
-    """One line at t = 0, 0.25, 0.5, 0.75, 1: at a quarter masked it reads easily, at half it can be guessed."""
-    x0 = torch.tensor([tok.encode(text)])
-    u = torch.rand(x0.shape, generator=torch.Generator().manual_seed(seed))   # one draw for all t: a char
-    return '\n'.join(f't={t:.2f}  {tok.decode(x0.masked_fill(u < t, tok.mask_id)[0].tolist())}'  # masked at t
-                     for t in (0.0, 0.25, 0.5, 0.75, 1.0))                  # stays masked at every later t
+    """One line at t = 0, 0.25, 0.5, 0.75, 1, the same random numbers each time, so the masks only grow."""
+    x0, lines = torch.tensor([tok.encode(text)]), []
+    for t in (0.0, 0.25, 0.5, 0.75, 1.0):
+        xt, _ = forward_mask(x0, torch.tensor([t]), tok.mask_id, torch.Generator().manual_seed(seed))
+        lines.append(f't={t:.2f}  {tok.decode(xt[0].tolist())}')
+    return '\n'.join(lines)
 
 if NOTEBOOK:   # demo: one line of the play, destroyed a little more at each t
     print(show_noise('First Citizen: Before we proceed any further, hear me speak.', tok))
 
 # %% 4. The model ----------------------------------------------------------------------------------
-# A transformer that reads xt and predicts x0 at every position: a GPT block for block, except
+# A transformer that reads xt and predicts x0 at every position: a GPT, block for block, except
 #   1) no causal mask: every position attends to every other, in both directions;
-#   2) it may be told the noise level t (use_time), through adaLN: below;
-#   3) the output never predicts [MASK] (MDLM calls this the "SUBS" parameterisation);
-#   4) queries scaled to RMS 2 and keys to RMS 1 per head (QK-norm; ViT-22B, OLMo 2): no score exceeds 2 sqrt(hs).
-# The GPT twin, the yardstick, is this network with causal=True (a position sees itself and what
-# is left of it) and no t: it predicts the next character. Positions are rotary (RoPE, as in LLaMA
-# and MDLM): each query and key is turned by an angle proportional to its position, so a score
-# depends on how far apart two characters are.
+#   2) it may be told the noise level t (use_time), through adaLN (below);
+#   3) it never predicts [MASK], which clean text never holds: that logit is -inf (MDLM's "SUBS", whose
+#      other half, given characters are copied and never predicted, the loss and the sampler do);
+#   4) QK-norm (ViT-22B, OLMo 2): each head scales its queries to a root mean square of 2 and its keys
+#      to 1, so no attention score exceeds 2 sqrt(hs) however large the weights grow.
+# The GPT twin, the yardstick of sections 5 and 9, is this network with causal=True and no t: it
+# predicts the next character. Shapes: C = n_embd channels, nh = n_head heads of hs = C / nh each.
+# Positions are rotary (RoPE, as in LLaMA and MDLM): each query and key is turned by an angle
+# proportional to its position, so a score depends on how far apart two characters are.
 
 def apply_rope(x, cos, sin):
     """Rotate each pair of channels (j, j + hs/2) of x (B, nh, T, hs) by its position's angle."""
@@ -155,7 +164,7 @@ def attention(q, k, v, causal, dropout=0.0):
     -inf, so position i sees only positions <= i; a diffusion LM does not."""
     T = q.size(-2)
     att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))   # (B, nh, T, T)
-    if causal:
+    if causal:                                                 # GPT twin: no looking right
         att = att.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float('-inf'))
     return F.dropout(att.softmax(dim=-1), dropout) @ v
 
@@ -172,16 +181,16 @@ class SelfAttention(nn.Module):
         q, k = 2 * F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))   # QK-norm (4 above)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)        # q, k, v: (B, nh, T, hs)
         p = self.dropout if self.training else 0.0
-        if q.is_cuda or not torch.is_autocast_enabled('cpu'):   # PyTorch's kernel: the same, without storing att
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=self.causal)
-        else:                                       # on a CPU under bfloat16 autocast the formula is faster
+        if q.is_cuda or not torch.is_autocast_enabled('cpu'):   # PyTorch's fused kernel: the same values
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=self.causal)   # GPT twin: causal
+        else:                                                   # a CPU under bfloat16 autocast: the formula
             y = attention(q, k, v, self.causal, p)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 # adaLN, "adaptive LayerNorm" (DiT, the diffusion transformer): each block turns t's embedding
 # into a shift and a scale of its LayerNorms' outputs, h = LN(x) * (1 + scale(t)) + shift(t),
 # from a layer that starts at zero (DiT's adaLN-Zero, without its gates): at step 0 t does nothing.
-# Is t needed? The input holds exactly tL masks (sections 5, 7): the model could count them itself.
+# Is t needed? The input holds exactly tL masks: the model could count them (RADD, Ou et al. 2024).
 
 TIME_DIM = 128   # width of the time embedding that feeds every block's adaLN
 
@@ -194,7 +203,7 @@ class Block(nn.Module):
         self.attn = SelfAttention(config)
         self.ln2 = nn.LayerNorm(C)
         self.mlp = nn.Sequential(nn.Linear(C, 4 * C, bias=False), nn.GELU(approximate='tanh'),
-                                 nn.Linear(4 * C, C, bias=False))   # GPT-2's tanh GELU: cheaper on a CPU
+                                 nn.Linear(4 * C, C, bias=False))   # GPT-2's GELU
         self.drop = nn.Dropout(config.dropout)
         self.ada = nn.Linear(TIME_DIM, 4 * C) if config.use_time else None
 
@@ -247,11 +256,11 @@ class MDLM(nn.Module):
         T = xt.size(1)
         x = self.drop(self.tok_emb(xt))                                            # (B, T, C)
         rope = (self.rope_cos[:T], self.rope_sin[:T])
-        cond = self.time_embedding(t) if self.time_mlp is not None else None      # (B, TIME_DIM)
+        cond = self.time_embedding(t) if self.time_mlp is not None else None      # (B, TIME_DIM); GPT twin: none
         for block in self.blocks:
             x = block(x, cond, rope)
         logits = self.head(self.ln_f(x))                                           # (B, T, V)
-        # SUBS: clean text has no [MASK], so it is never predicted: an untrained model's loss is log 65
+        # SUBS: [MASK] is never an answer, so an untrained model's loss is log 65, not log 66 (section 5)
         return logits.float().index_fill(-1, torch.tensor([self.config.vocab_size - 1], device=xt.device),
                                          float('-inf'))
 
@@ -265,21 +274,30 @@ if NOTEBOOK:   # demo: the tiny preset's model, untrained
     print(f'{model.num_params() / 1e6:.2f}M parameters, {config}')
 
 # %% 5. The loss -----------------------------------------------------------------------------------
-# The intuitive recipe: mask a uniform share, average the cross-entropy over all the batch's
-# masked positions. It trains a fine denoiser, but its number is no likelihood. For one, picture a
-# generator that reveals one character at a time in a random order, paying -log p(x0_i | what is
-# revealed) for each. With k characters hidden it reveals any of them with equal chance, so it
-# pays the mean loss over k masked positions; per character, that mean averaged over k = 1..L.
-# Each order is a proper generator, and by Jensen's inequality (-log of an average <= the average
-# of -log) the average over orders bounds -log p of their mixture: the NELBO (negative ELBO).
-# So training draws k in 1..L, masks exactly k characters at random (forward_mask, exact), tells
-# the model t = k / L (the fraction masked, as the sampler will) and pays, per character,
-#     E_k~U{1..L}[ (1/k) * sum over the k masked i of -log p(x0_i | xt) ]      (the NELBO).
-# MDLM draws t ~ U(0, 1) instead, masks each character with chance t (section 3), divides by tL;
-# the chance of k masks, integrated with that 1/t weight, is
-#     integral_0^1 (1/t) C(L,k) t^k (1-t)^(L-k) dt = C(L,k) (k-1)! (L-k)! / L! = 1/k,
-# so for a model that ignores t its mean is the same NELBO (MDLM eq. 10), plus the noise of a
-# random count. MDLM is BERT with a random number of masks and a 1/k weight. That is the whole trick.
+# What should the model pay for its guesses? The intuitive answer: hide a random share of each window
+# and average the cross-entropy over all the hidden characters of the batch. That trains a fine
+# denoiser, but its number is no likelihood. A small example shows what is.
+#
+# Worked by hand: a window of L = 3 characters, "abc". Picture a writer that starts from three masks
+# and reveals one character a step in a random order, paying -log p(the true character | what is
+# visible) each time. In the order c, a, b it pays
+#     k = 3 hidden: -log p(c | ■■■),   k = 2 hidden: -log p(a | ■■c),   k = 1 hidden: -log p(b | a■c),
+# which sum to -log of that order's probability of "abc". Average over all 3! orders: at the step with
+# k characters hidden, the hidden set is a random k-subset and the revealed one is any of its k with
+# equal chance, so the step costs on average (1/k) * sum over the k hidden i of -log p(x_i | xt), the
+# mean over the hidden ones. Add the steps k = L, ..., 1 and divide by L: per character,
+#     NELBO = E_k~U{1..L}[ (1/k) * sum over the k hidden i of -log p(x_i | xt) ].
+# It bounds the likelihood: read the model as the writer with a random order, so p(x) is the average
+# over orders of each order's probability (a proper one: the model never puts mass on [MASK]), and -log
+# of an average is at most the average of -log (Jensen): NELBO >= -log p(x) / L. It is the negative
+# evidence lower bound, the any-order view of ARDM (Hoogeboom et al. 2022) and RADD (Ou et al. 2024).
+# The intuitive loss pools instead: a window with k hidden counts k times, so heavily masked windows
+# weigh most, where the NELBO takes each window's mean and weighs every k alike.
+# So training draws k in 1..L, hides exactly k characters (forward_mask), tells the model t = k / L and
+# pays the NELBO. MDLM draws t ~ U(0, 1), hides each character with chance t and divides by tL; given
+# k hidden, the Beta integral (1/t) C(L,k) t^k (1-t)^(L-k) over t in [0, 1] is C(L,k) (k-1)! (L-k)! / L!
+# = 1/k, so for a model that ignores t the two agree (MDLM eq. 10). MDLM is BERT with a random number
+# of masks and a 1/k weight: that is the whole trick.
 
 def masked_ce(logits, x0, mask):
     """Cross-entropy at the masked positions only: (B, T) with zeros elsewhere."""
@@ -291,23 +309,15 @@ def nelbo_loss(logits, x0, mask, t, weight=None):
     per_seq = masked_ce(logits, x0, mask).sum(1) / (t * x0.size(1))   # (B,)
     return (per_seq if weight is None else per_seq * weight).mean()
 
-# Which k to train on. Uniform k, stratified: one u ~ U(0, 1) shifted by i / B (mod 1) for row i,
-# k = 1 + floor(u L): each k still uniform, their mean far steadier. The refinement, importance
-# sampling: any q(k) > 0 on 1..L, a proposal, may pick the k's if each row is weighed by
-# (1 / L) / q(k): the same mean, other noise. 'cosine' turns the same u into t = 1 - cos(pi u / 2)
-# (other papers' cosine noise schedule: in continuous time the NELBO ignores the schedule, which
-# only decides which t training sees) and k = ceil(tL), so q(k) = P(t <= k/L) - P(t <= (k-1)/L)
-# with P(t <= s) = (2 / pi) acos(1 - s). It draws small k more often and weighs them less (u = 0
-# gives k = 0, counted as 1).
-
-def stratified(batch_size, generator, device):
-    """(B,) numbers in [0, 1), one in each 1/B-th of it."""
-    u = torch.rand(1, generator=generator, device=device)
-    return (u + torch.arange(batch_size, device=device) / batch_size) % 1
+# Which k to draw. Stratified: one u ~ U(0, 1) shifted by i / B (mod 1) for row i, k = 1 + floor(uL),
+# spreads the batch's k evenly over 1..L, a far steadier loss. Optional, importance sampling: draw k from
+# any distribution q(k) > 0 (the proposal) and weigh each row by (1 / L) / q(k): the same expected loss
+# with other noise. The default, 'cosine', maps the same u to t = 1 - cos(pi u / 2) and k = ceil(tL):
+# small k more often, each weighed less (q(k) = F(k/L) - F((k-1)/L), F(s) = (2 / pi) acos(1 - s)).
 
 def draw_t(batch_size, L, generator, device, proposal='uniform'):
     """t = k / L (B,), k masks of L drawn from `proposal`, and each row's weight 1 / (L q(k)): 1 for uniform k."""
-    u = stratified(batch_size, generator, device)
+    u = (torch.rand(1, generator=generator, device=device) + torch.arange(batch_size, device=device) / batch_size) % 1
     if proposal == 'uniform':
         return (1 + (u * L).floor()).clamp(max=L) / L, torch.ones(batch_size, device=device)
     k = torch.ceil(L * (1 - torch.cos(math.pi / 2 * u))).clamp(1, L)
@@ -315,15 +325,15 @@ def draw_t(batch_size, L, generator, device, proposal='uniform'):
     return k / L, 1 / (L * (cdf(k / L) - cdf((k - 1) / L)))
 
 def gpt_input(x0, start_id):
-    """The GPT twin's input, [start] + x0[:-1] ([MASK] is the start token): it predicts the same L
-    characters, and its mean cross-entropy is their exact NLL. NELBO - NLL: writing in any order's cost."""
+    """GPT twin: its input, [start] + x0[:-1] ([MASK] serves as the start token), so it predicts the same L
+    characters, and its mean cross-entropy is their exact negative log-likelihood (NLL) per character."""
     return torch.cat([torch.full_like(x0[:, :1], start_id), x0[:, :-1]], 1)
 
-if NOTEBOOK:   # demo: untrained, the model guesses uniformly among 65 characters: loss ~ log 65
+if NOTEBOOK:   # demo: untrained, the model guesses about uniformly among 65 characters: a loss near log 65
     gen = torch.Generator().manual_seed(SEED)
     x0 = get_batch(train_data, 32, config.block_size, gen)
     t, _ = draw_t(32, config.block_size, gen, 'cpu')
-    xt, mask = forward_mask(x0, t, tok.mask_id, gen, exact=True)
+    xt, mask = forward_mask(x0, t, tok.mask_id, gen)
     print(f'NELBO {nelbo_loss(model(xt, t), x0, mask, t).item():.3f}, log 65 = {math.log(65):.3f}')
 
 # %% 6. One training step --------------------------------------------------------------------------
@@ -340,26 +350,27 @@ def get_lr(it, lr, min_lr, warmup_iters, max_iters, decay_frac):
 def training_batch(data, batch_size, block_size, mask_id, generator, causal, proposal='uniform'):
     """(x0, xt, mask, t, weight): x0 with k = tL masks, k from `proposal`, or for a GPT x0 shifted (and Nones)."""
     x0 = get_batch(data, batch_size, block_size, generator)
-    if causal:
+    if causal:                                                     # GPT twin: x0 shifted, nothing hidden
         return x0, gpt_input(x0, mask_id), None, None, None
     t, w = draw_t(batch_size, block_size, generator, data.device, proposal)
-    xt, mask = forward_mask(x0, t, mask_id, generator, exact=True)
+    xt, mask = forward_mask(x0, t, mask_id, generator)
     return x0, xt, mask, t, w
 
 def batch_loss(model, x0, xt, mask, t, w, objective='nelbo'):
     """A training_batch's loss: the GPT's NLL, the NELBO, or the pooled masked CE (objective='naive')."""
     logits = model(xt, t)
-    if mask is None:                                               # the GPT: exactly -log p(x0) / L
+    if mask is None:                                               # GPT twin: exactly -log p(x0) / L
         return F.cross_entropy(logits.transpose(1, 2), x0)
     if objective == 'naive':     # the intuitive loss, pooled over the batch's masks: every masked char alike
         return masked_ce(logits, x0, mask).sum() / mask.sum().clamp(min=1)
     return nelbo_loss(logits, x0, mask, t, w)
 
-# The update. AdamW scales each weight's step by its own gradient history; Muon (K. Jordan, 2024) steps
-# a matrix by the orthogonal matrix nearest its momentum, moving every direction it maps equally, not
-# mostly the few where the gradient is large. Five Newton-Schulz steps (matmuls only) push the singular
-# values near 1; the scale 0.2 sqrt(max(rows, cols)) gives AdamW's typical step size: one lr serves both.
-# Muon takes the blocks' matrices, AdamW the rest: the embedding (tied to the head), the time input, gains, biases.
+# The update. AdamW scales each weight's step by its own gradient history; Muon (K. Jordan, 2024) steps a
+# matrix by the (semi-)orthogonal matrix nearest its Nesterov momentum, moving every direction the matrix
+# maps equally, not mostly the few where the gradient is large. A Newton-Schulz iteration, five steps of
+# matmuls with Jordan's coefficients, pushes every singular value near 1 without an SVD; the scale
+# 0.2 sqrt(max(rows, cols)) gives AdamW's typical step size, so one lr serves both. Muon takes the blocks'
+# matrices, AdamW the rest: the embedding (tied to the head), the time input, gains and biases.
 
 def orthogonalize(G, steps=5, dtype=torch.float32):
     """About U V^T for G = U S V^T, each matrix of a stack (..., m, n): Muon's quintic Newton-Schulz, in `dtype`."""
@@ -373,7 +384,7 @@ def orthogonalize(G, steps=5, dtype=torch.float32):
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr, weight_decay, momentum=0.95, ns_dtype=torch.float32):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum))
-        self.ns_dtype = ns_dtype                 # bfloat16 where the hardware has it (the harness picks)
+        self.ns_dtype = ns_dtype                 # the iteration's precision: float32, or bfloat16
 
     @torch.no_grad()
     def step(self):
@@ -381,7 +392,9 @@ class Muon(torch.optim.Optimizer):
             lr, mu = group['lr'], group['momentum']
             by_shape = {}                        # matrices of one shape share one batched iteration
             for p in group['params']:
-                buf = self.state[p].setdefault('momentum_buffer', torch.zeros_like(p))
+                if 'momentum_buffer' not in self.state[p]:
+                    self.state[p]['momentum_buffer'] = torch.zeros_like(p)
+                buf = self.state[p]['momentum_buffer']
                 buf.mul_(mu).add_(p.grad)                                        # B = mu B + G
                 by_shape.setdefault(p.shape, []).append((p, p.grad + mu * buf))  # Nesterov: G + mu B
             for shape, pairs in by_shape.items():
@@ -425,21 +438,22 @@ if NOTEBOOK:   # demo: train the tiny model for DEMO_ITERS steps with the defaul
 
 # %% 7. Sampling -----------------------------------------------------------------------------------
 # The reverse process, from t = 1 (all masks) to t = 0 (text) in N steps of t -> s = t - 1/N. A
-# character masked at t was still clean at s with chance (alpha_s - alpha_t) / (1 - alpha_t) =
-# (t - s) / t (forward process). So the step that undoes it is:
+# character hidden at t was still clean at s with chance (alpha_s - alpha_t) / (1 - alpha_t) = (t - s) / t
+# (section 3). So the step that undoes it is:
 #   1) run the model on x: a distribution over characters at every position;
-#   2) draw a proposal for every masked position from it;
-#   3) commit each proposal with probability (t - s) / t; the other masks stay masked.
-# That is MDLM's ancestral sampler; its last step (s = 0) commits all. Given characters are never
-# touched, so one loop samples, completes (a prompt, then masks) and fills blanks. The model is told
-# t = the fraction of its input masked (the mask rate it learned with), not the schedule's t, which
-# with a prompt or in blocks counts down over the masks still to write. The rule picks the commits:
+#   2) draw a candidate character for every hidden position from it;
+#   3) reveal each candidate with probability (t - s) / t; the other positions stay hidden.
+# That is MDLM's ancestral sampler; its last step (s = 0) reveals all. Given characters are never
+# touched, so one loop samples, completes (a prompt, then masks) and fills blanks. As in training, the
+# model is told t = the fraction of its input still hidden. The rule picks what a step reveals:
 #   'ancestral'   the reverse process above, exactly;
-#   'confidence'  the k proposals the model is surest of (MaskGIT, LLaDA), k = floor(M / N) per
-#                 step, + 1 in the first M mod N steps: the M masks are done in N steps;
-#   'random'      k proposals chosen at random: 'confidence' without its choice.
-# semi_ar = n (LLaDA's semi-autoregressive blocks): an outer loop hands the steps the first n masks
-# of each row, then the next n, each block a whole schedule of N steps.
+#   'confidence'  the k candidates the model is surest of (MaskGIT, LLaDA; sure: the candidate's probability
+#                 after temperature and top_p, where LLaDA takes the plain softmax), k = floor(M / N) a
+#                 step, + 1 in the first M mod N steps: M masks take exactly N steps;
+#   'random'      k candidates chosen at random: 'confidence' without its choice.
+# semi_ar = n (LLaDA's semi-autoregressive blocks): an outer loop hands the steps the first n masks of
+# each row, then the next n, each block a whole schedule of N steps; with n = N = 8, the default, one
+# character a pass. The GPT twin writes with its own loop, gpt_generate (below the marked line).
 
 @torch.no_grad()
 def generate(model, x, sampler=SamplerConfig(), generator=None, on_step=None):
@@ -456,7 +470,7 @@ def generate(model, x, sampler=SamplerConfig(), generator=None, on_step=None):
                 break
             logits = model(x, (x == mask_id).float().mean(1))          # told t = fraction masked
             tokens, conf = propose(logits, sampler.temperature, sampler.top_p, generator)
-            k = M // N + (i < M % N).long()                            # (B,) how many: confidence, random
+            k = M // N + (i < M % N).long()                            # (B,) to reveal ('confidence', 'random')
             commit = unmask(sampler.rule, todo, conf, 1 - i / N, 1 - (i + 1) / N, k, generator)
             x = torch.where(commit, tokens, x)
             if on_step is not None:
@@ -473,9 +487,10 @@ def unmask(rule, masked, conf, t, s, k, generator):
     return masked & (rank < k[:, None])
 
 def propose(logits, temperature=1.0, top_p=1.0, generator=None):
-    """A token per position from softmax(logits / temperature) within the nucleus (the fewest tokens
-    whose probabilities sum to top_p) and its probability there, the confidence (temperature 0: the argmax,
-    at temperature 1). Gumbel-max, argmax(logits - log(-log u)), in float64: float32 noise cools samples."""
+    """A candidate per position, drawn from softmax(logits / temperature) within the nucleus (the fewest
+    characters whose probabilities sum to top_p), and its probability there: the confidence (temperature 0:
+    the argmax, scored at temperature 1). Drawn by Gumbel-max, argmax(logits - log(-log u)), in float64:
+    float32 noise lowers the effective temperature (Zheng et al. 2024)."""
     logits = logits.float() if logits.device.type == 'mps' else logits.double()   # mps has no float64
     if temperature > 0:
         logits = logits / temperature
@@ -500,14 +515,14 @@ if NOTEBOOK:   # demo: two lines of text out of pure noise, with the default sam
 # the blanks, text on both sides, which a GPT cannot use (it never sees the right side).
 
 def generate_text(model, prefix, length, num_samples, sampler=SamplerConfig(), generator=None, on_step=None):
-    """`length` new tokens after `prefix` (ids) in num_samples rows, window by window: the first keeps
-    as much of the prompt as fits, each later one half a context of the text, and writes the rest."""
+    """`length` new characters after `prefix` (ids) in num_samples rows, window by window: the first window
+    holds the prompt (up to T - 1 of it), each later one the last half window of text, and masks after it."""
     T, mask_id = model.config.block_size, model.config.vocab_size - 1
     device = next(model.parameters()).device
     out = torch.tensor(prefix, dtype=torch.long, device=device).repeat(num_samples, 1)   # (B, P)
     while out.size(1) < len(prefix) + length:
-        first = out.size(1) == len(prefix)
-        n_new = min(len(prefix) + length - out.size(1), max(T - out.size(1), 1 if first else max(1, T // 2)))
+        keep = min(out.size(1), T - 1 if out.size(1) == len(prefix) else T - T // 2)   # context to keep
+        n_new = min(len(prefix) + length - out.size(1), T - keep)                     # masks beside it
         context = out[:, out.size(1) - min(out.size(1), T - n_new):]                    # (B, <= T - n_new)
         x = torch.cat([context, torch.full((num_samples, n_new), mask_id, device=device)], 1)
         out = torch.cat([out, generate(model, x, sampler, generator, on_step)[:, -n_new:]], 1)
@@ -523,7 +538,7 @@ def infill(model, ids, num_samples, sampler=SamplerConfig(), generator=None, on_
     T, mask_id = model.config.block_size, model.config.vocab_size - 1
     x = torch.tensor(ids, device=next(model.parameters()).device).repeat(num_samples, 1)   # (B, L)
     while (x == mask_id).any():
-        masked = (x[0] == mask_id).long()                            # the rows share their blanks
+        masked = (x[0] == mask_id).long()                            # the rows are copies: row 0's blanks
         p = masked.argmax().item()                                   # the first mask left ...
         rest = masked[p:]
         q = p + (rest.argmin().item() if (rest == 0).any() else len(rest))   # ... and the end of its blank
@@ -537,27 +552,29 @@ if NOTEBOOK:   # demo: continue a prompt; fill a blank from both sides
     print('\n'.join(tok.decode(row.tolist()) for row in infill(model, ids, 2, generator=gen)))
 
 # %% 9. Evaluation ---------------------------------------------------------------------------------
-# An honest likelihood: held-out text, the same windows and masks every time, low variance.
-# The estimator is training's (section 5) with uniform k, spread evenly over 1..L across the batch,
-# weighed by 1/k (LLaDA's estimator): the random-order generator's cost, the model told t = k / L.
+# An honest likelihood: held-out text, the same windows and masks every time, low variance. The
+# estimator is training's (section 5) with uniform k, spread evenly over 1..L across the batch, weighed
+# by 1/k (LLaDA's likelihood estimator). For today's default `python mdlm.py --eval` printed, first,
+#   val nelbo: 1.8629 nats/char (2.6875 bits/char) +- 0.0096 (standard error, 100 batches of 32 ...
+# The GPT twin's exact NLL on the same windows is nll_per_seq's.
 
 @torch.no_grad()
 def nelbo_per_seq(model, x0, generator):
     """The NELBO's estimate per window (B,), nats per character: exactly k_b = t_b L of its L positions masked."""
     t, _ = draw_t(*x0.shape, generator, x0.device)
-    xt, mask = forward_mask(x0, t, model.config.vocab_size - 1, generator, exact=True)
+    xt, mask = forward_mask(x0, t, model.config.vocab_size - 1, generator)
     return masked_ce(model(xt, t), x0, mask).sum(1) / mask.sum(1)
 
 @torch.no_grad()
 def nll_per_seq(model, x0):
-    """The GPT twin's exact negative log-likelihood per window (B,), nats per character."""
+    """GPT twin: its exact negative log-likelihood per window (B,), nats per character."""
     logits = model(gpt_input(x0, model.config.vocab_size - 1), None)
     return F.cross_entropy(logits.transpose(1, 2), x0, reduction='none').mean(1)
 
-# An exact likelihood too: section 5's generator with one order, chosen from the visible input only
-# (never the hidden characters): its probabilities sum to 1 over all strings, as a GPT's do. Left to right
-# it is a GPT inside the diffusion model; 'surest' reveals where the model is surest first. The NELBO
-# averages random orders: a good order can score below it.
+# An exact likelihood too: section 5's writer with one order, chosen from the visible input only
+# (never the hidden characters), so its probabilities sum to 1 over all strings, as a GPT's do. Left to
+# right it is a GPT inside the diffusion model; 'surest' reveals where the model is surest first. The
+# NELBO averages random orders: a good order can score below it.
 
 def surest(logp, masked):   # (B,): the masked position whose prediction has the highest top probability
     return logp.amax(-1).masked_fill(~masked, float('-inf')).argmax(1)

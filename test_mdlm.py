@@ -110,17 +110,20 @@ def test_split_is_90_10_and_batches_are_windows_of_the_text(text, tok):
 # --- 3. the forward process -----------------------------------------------------------------------
 @pytest.mark.parametrize('t', [0.0, 0.1, 0.5])
 def test_mask_rate_matches_t_row_by_row(t):
-    ts = torch.tensor([t, 1 - t]).repeat(32)                          # two rates in one batch
-    xt, mask = mdlm.forward_mask(torch.zeros(64, 1024, dtype=torch.long), ts, MASK, torch.Generator().manual_seed(0))
+    """The empirical masking rate: a row at noise level t hides tL characters, and every position is
+    hidden in a share t of the rows (the set is uniformly random), two rates in one batch."""
+    ts = torch.tensor([t, 1 - t]).repeat(2000)
+    xt, mask = mdlm.forward_mask(torch.zeros(4000, 10, dtype=torch.long), ts, MASK, torch.Generator().manual_seed(0))
     for r in (t, 1 - t):
-        rate = mask[ts == r].float().mean().item()
-        assert abs(rate - r) <= 5 * math.sqrt(r * (1 - r) / (32 * 1024)) + 1e-9, (rate, r)
+        assert (mask[ts == r].sum(1) == round(10 * r)).all(), 'exactly tL in every row'
+        rate = mask[ts == r].float().mean(0)                          # (10,) per position
+        assert (rate - r).abs().max() <= 5 * math.sqrt(r * (1 - r) / 2000) + 1e-9, (rate, r)
     assert torch.equal(xt == MASK, mask), 'exactly the masked positions hold [MASK]'
 
 def test_exact_masks_hold_t_times_length_at_uniformly_random_places():
     t = torch.tensor([1 / 8, 3 / 8, 1.0] * 4000)
     _, mask = mdlm.forward_mask(torch.zeros(12000, 8, dtype=torch.long), t, MASK,
-                                torch.Generator().manual_seed(2), exact=True)
+                                torch.Generator().manual_seed(2))
     assert torch.equal(mask.sum(1), (t * 8).long()), 'exactly t T masks in every row'
     sets = torch.bincount((mask[1::3].long() << torch.arange(8)).sum(1), minlength=256)   # 3 of 8
     assert (sets > 0).sum() == math.comb(8, 3), 'every set of 3 places occurs'
@@ -606,7 +609,7 @@ def test_the_lesson_never_calls_into_the_harness_and_the_file_stays_small():
         assert f'def {name}(' in lesson, f'{name} is part of the lesson'
     for name in ('train', 'save_checkpoint', 'ddp_setup', 'build_parser', 'main'):
         assert f'def {name}(' in harness, f'{name} is harness'
-    assert lesson.count('\n') < 600 and harness.count('\n') <= 450, 'the lesson: at most 600 lines, the harness 450'
+    assert lesson.count('\n') < 620 and harness.count('\n') <= 450, 'the lesson: at most 620 lines, the harness 450'
     wide = [i for i, line in enumerate((lesson + '\n' + harness).split('\n'), 1) if len(line) > 120]
     assert not wide, f'lines over 120 columns: {wide}'
     tree = ast.parse(lesson + '\n' + harness)

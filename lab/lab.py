@@ -369,7 +369,7 @@ def text_picture(lines, path, title):
 def run_show_noise(args):
     tok = mdlm.Tokenizer(sorted(set(mdlm.load_text(args.data))))
     text_picture(mdlm.show_noise(args.show_noise, tok, args.seed).split('\n'), args.png,
-                 'the forward process: each character masked with probability t')
+                 'the forward process: round(tL) of the L characters masked, a random set that only grows with t')
     return 0
 
 def read_log(out_dir):
@@ -412,7 +412,7 @@ def ce_per_noise_level(model, data, ts, n_batches, batch_size, seed=mdlm.EVAL_SE
         for _ in range(n_batches):
             x0 = mdlm.get_batch(data, batch_size, model.config.block_size, windows)
             tt = torch.full((batch_size,), round(t * x0.size(1)) / x0.size(1), device=data.device)
-            xt, mask = mdlm.forward_mask(x0, tt, model.config.vocab_size - 1, g, exact=True)
+            xt, mask = mdlm.forward_mask(x0, tt, model.config.vocab_size - 1, g)
             total += mdlm.masked_ce(model(xt, tt), x0, mask).sum().item()
             count += mask.sum().item()
         rows.append(total / max(count, 1))
