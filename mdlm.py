@@ -65,7 +65,7 @@ SEED = 1337                # training's batches and noise, and sampling, unless 
 EVAL_SEED = 1234           # every evaluation scores the same text the same way (section 9)
 MASK_GLYPH = '■'           # how a hidden character is drawn on screen
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)) if '__file__' in globals()
-                            else os.getcwd(), 'input.txt')   # a notebook has no __file__: its folder
+                            else os.getcwd(), 'input.txt')   # in a notebook (no __file__): the working folder
 NOTEBOOK = __name__ == '__main__' and 'ipykernel' in sys.modules   # the demos run in a notebook only
 DEMO_ITERS = 1000          # training steps of the notebook's demo (section 6)
 
@@ -117,7 +117,7 @@ if NOTEBOOK:   # demo: the text (input.txt, beside this file), its vocabulary, t
 # %% 3. The forward process ------------------------------------------------------------------------
 # Text is destroyed a little at a time. At noise level t in [0, 1], of a window of L characters
 # (L = T) exactly k = round(tL) are replaced by [MASK], a uniformly random set of them: the result is
-# xt. t = 0 is the text, t = 1 a row of masks; each character is hidden with probability t, so
+# xt. t = 0 is the text, t = 1 a row of masks; each character is hidden with probability tL/L = t, so
 # alpha_t = 1 - t, the chance it is still clean, falls linearly. (MDLM flips a coin of chance t for
 # each character; given how many came up, that is this process, and section 5 shows why only the count
 # matters.) [MASK] absorbs: with the same random numbers, a larger t hides more, never fewer. Undoing
@@ -145,8 +145,8 @@ if NOTEBOOK:   # demo: one line of the play, destroyed a little more at each t
 # A transformer that reads xt and predicts x0 at every position: a GPT, block for block, except
 #   1) no causal mask: every position attends to every other, in both directions;
 #   2) it may be told the noise level t (use_time), through adaLN (below);
-#   3) it never predicts [MASK], which clean text never holds: that logit is -inf (MDLM's "SUBS", whose
-#      other half, given characters are copied and never predicted, the loss and the sampler do);
+#   3) it never predicts [MASK], which clean text never holds: that logit is -inf. MDLM calls this SUBS,
+#      with a second rule: a character the input shows is kept as it is (the loss and sampler do that);
 #   4) QK-norm (ViT-22B, OLMo 2): each head scales its queries to a root mean square of 2 and its keys
 #      to 1, so no attention score exceeds 2 sqrt(hs) however large the weights grow.
 # The GPT twin, the yardstick of sections 5 and 9, is this network with causal=True and no t: it
@@ -189,7 +189,7 @@ class SelfAttention(nn.Module):
 
 # adaLN, "adaptive LayerNorm" (DiT, the diffusion transformer): each block turns t's embedding
 # into a shift and a scale of its LayerNorms' outputs, h = LN(x) * (1 + scale(t)) + shift(t),
-# from a layer that starts at zero (DiT's adaLN-Zero, without its gates): at step 0 t does nothing.
+# from a layer that starts at zero (as DiT's adaLN-Zero does): at step 0, t changes nothing.
 # Is t needed? The input holds exactly tL masks: the model could count them (RADD, Ou et al. 2024).
 
 TIME_DIM = 128   # width of the time embedding that feeds every block's adaLN
@@ -248,7 +248,7 @@ class MDLM(nn.Module):
         """Sinusoids of t (B,) at geometric frequencies, then an MLP: (B, TIME_DIM)."""
         half = TIME_DIM // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
-        angles = 1000.0 * t.float()[:, None] * freqs[None, :]   # x1000: t is in [0, 1]
+        angles = 1000.0 * t.float()[:, None] * freqs[None, :]   # t in [0, 1] scaled as a position would be
         return self.time_mlp(torch.cat([angles.sin(), angles.cos()], dim=-1))
 
     def forward(self, xt, t):
@@ -277,20 +277,21 @@ if NOTEBOOK:   # demo: the tiny preset's model, untrained
 # What should the model pay for its guesses? The intuitive answer: hide a random share of each window
 # and average the cross-entropy over all the hidden characters of the batch. That trains a fine
 # denoiser, but its number is no likelihood. A small example shows what is.
-#
 # Worked by hand: a window of L = 3 characters, "abc". Picture a writer that starts from three masks
 # and reveals one character a step in a random order, paying -log p(the true character | what is
 # visible) each time. In the order c, a, b it pays
 #     k = 3 hidden: -log p(c | ■■■),   k = 2 hidden: -log p(a | ■■c),   k = 1 hidden: -log p(b | a■c),
-# which sum to -log of that order's probability of "abc". Average over all 3! orders: at the step with
-# k characters hidden, the hidden set is a random k-subset and the revealed one is any of its k with
-# equal chance, so the step costs on average (1/k) * sum over the k hidden i of -log p(x_i | xt), the
-# mean over the hidden ones. Add the steps k = L, ..., 1 and divide by L: per character,
+# which sum to -log of that order's probability of "abc". Now average over all 3! = 6 orders. At k = 2
+# the hidden pair is {a, b} in 2 orders, {a, c} in 2, {b, c} in 2, and in each pair's 2 orders either
+# one is revealed next once: every k-subset equally often, every member of it equally often. So the step
+# with k hidden costs on average (1/k) * sum over the k hidden i of -log p(x_i | xt), the mean over the
+# hidden ones. Add the steps k = L, ..., 1 and divide by L: per character,
 #     NELBO = E_k~U{1..L}[ (1/k) * sum over the k hidden i of -log p(x_i | xt) ].
-# It bounds the likelihood: read the model as the writer with a random order, so p(x) is the average
-# over orders of each order's probability (a proper one: the model never puts mass on [MASK]), and -log
-# of an average is at most the average of -log (Jensen): NELBO >= -log p(x) / L. It is the negative
-# evidence lower bound, the any-order view of ARDM (Hoogeboom et al. 2022) and RADD (Ou et al. 2024).
+# It bounds the likelihood: read the model as this writer with a random order (section 7's sampler
+# revealing one character a step), so p(x) is the average over orders of each order's probability (a
+# proper one: no mass on [MASK]), and -log of an average is at most the average of -log (Jensen):
+# NELBO >= -log p(x) / L. The name: p(x) is the "evidence", and -NELBO a lower bound on log p(x) (ELBO).
+# This any-order view is ARDM's (Hoogeboom et al. 2022) and RADD's (Ou et al. 2024).
 # The intuitive loss pools instead: a window with k hidden counts k times, so heavily masked windows
 # weigh most, where the NELBO takes each window's mean and weighs every k alike.
 # So training draws k in 1..L, hides exactly k characters (forward_mask), tells the model t = k / L and
@@ -367,10 +368,10 @@ def batch_loss(model, x0, xt, mask, t, w, objective='nelbo'):
 
 # The update. AdamW scales each weight's step by its own gradient history; Muon (K. Jordan, 2024) steps a
 # matrix by the (semi-)orthogonal matrix nearest its Nesterov momentum, moving every direction the matrix
-# maps equally, not mostly the few where the gradient is large. A Newton-Schulz iteration, five steps of
-# matmuls with Jordan's coefficients, pushes every singular value near 1 without an SVD; the scale
-# 0.2 sqrt(max(rows, cols)) gives AdamW's typical step size, so one lr serves both. Muon takes the blocks'
-# matrices, AdamW the rest: the embedding (tied to the head), the time input, gains and biases.
+# maps equally, not mostly the few where the gradient is large. Newton-Schulz gets there without an SVD:
+# five steps of matmuls, each an odd polynomial (Jordan's coefficients) of every singular value, push them
+# all near 1. The scale 0.2 sqrt(max(rows, cols)) gives AdamW's typical step size, so one lr serves both.
+# Muon takes the blocks' matrices, AdamW the rest: the embedding (tied to the head), the time input, gains, biases.
 
 def orthogonalize(G, steps=5, dtype=torch.float32):
     """About U V^T for G = U S V^T, each matrix of a stack (..., m, n): Muon's quintic Newton-Schulz, in `dtype`."""
@@ -390,7 +391,7 @@ class Muon(torch.optim.Optimizer):
     def step(self):
         for group in self.param_groups:
             lr, mu = group['lr'], group['momentum']
-            by_shape = {}                        # matrices of one shape share one batched iteration
+            by_shape = {}                        # one iteration runs on each stack of same-shape matrices
             for p in group['params']:
                 if 'momentum_buffer' not in self.state[p]:
                     self.state[p]['momentum_buffer'] = torch.zeros_like(p)
@@ -446,7 +447,7 @@ if NOTEBOOK:   # demo: train the tiny model for DEMO_ITERS steps with the defaul
 # That is MDLM's ancestral sampler; its last step (s = 0) reveals all. Given characters are never
 # touched, so one loop samples, completes (a prompt, then masks) and fills blanks. As in training, the
 # model is told t = the fraction of its input still hidden. The rule picks what a step reveals:
-#   'ancestral'   the reverse process above, exactly;
+#   'ancestral'   the reverse process above, exactly (with semi_ar = 0);
 #   'confidence'  the k candidates the model is surest of (MaskGIT, LLaDA; sure: the candidate's probability
 #                 after temperature and top_p, where LLaDA takes the plain softmax), k = floor(M / N) a
 #                 step, + 1 in the first M mod N steps: M masks take exactly N steps;
@@ -489,9 +490,10 @@ def unmask(rule, masked, conf, t, s, k, generator):
 def propose(logits, temperature=1.0, top_p=1.0, generator=None):
     """A candidate per position, drawn from softmax(logits / temperature) within the nucleus (the fewest
     characters whose probabilities sum to top_p), and its probability there: the confidence (temperature 0:
-    the argmax, scored at temperature 1). Drawn by Gumbel-max, argmax(logits - log(-log u)), in float64:
+    the argmax, scored at temperature 1). Drawn by Gumbel-max: argmax(logits - log(-log u)) with u uniform
+    lands on each token with exactly its softmax probability. In float64:
     float32 noise lowers the effective temperature (Zheng et al. 2024)."""
-    logits = logits.float() if logits.device.type == 'mps' else logits.double()   # mps has no float64
+    logits = logits.float() if logits.device.type == 'mps' else logits.double()   # Apple's mps has no float64
     if temperature > 0:
         logits = logits / temperature
     if top_p < 1:    # drop a token when the tokens surer than it already sum to top_p (the top one stays)
@@ -521,9 +523,10 @@ def generate_text(model, prefix, length, num_samples, sampler=SamplerConfig(), g
     device = next(model.parameters()).device
     out = torch.tensor(prefix, dtype=torch.long, device=device).repeat(num_samples, 1)   # (B, P)
     while out.size(1) < len(prefix) + length:
-        keep = min(out.size(1), T - 1 if out.size(1) == len(prefix) else T - T // 2)   # context to keep
-        n_new = min(len(prefix) + length - out.size(1), T - keep)                     # masks beside it
-        context = out[:, out.size(1) - min(out.size(1), T - n_new):]                    # (B, <= T - n_new)
+        keep = min(out.size(1), T - 1 if out.size(1) == len(prefix) else T - T // 2)   # text it must see
+        n_new = min(len(prefix) + length - out.size(1), T - keep)          # masks to write in this window
+        context = out[:, -min(out.size(1), T - n_new):]                      # and all the text that fits
+
         x = torch.cat([context, torch.full((num_samples, n_new), mask_id, device=device)], 1)
         out = torch.cat([out, generate(model, x, sampler, generator, on_step)[:, -n_new:]], 1)
     return out
@@ -554,8 +557,8 @@ if NOTEBOOK:   # demo: continue a prompt; fill a blank from both sides
 # %% 9. Evaluation ---------------------------------------------------------------------------------
 # An honest likelihood: held-out text, the same windows and masks every time, low variance. The
 # estimator is training's (section 5) with uniform k, spread evenly over 1..L across the batch, weighed
-# by 1/k (LLaDA's likelihood estimator). For today's default `python mdlm.py --eval` printed, first,
-#   val nelbo: 1.8629 nats/char (2.6875 bits/char) +- 0.0096 (standard error, 100 batches of 32 ...
+# by 1/k (LLaDA's likelihood estimator). For the default tiny model, `python mdlm.py --eval` printed
+#   val nelbo: 1.8629 nats/char (2.6875 bits/char) +- 0.0096 (standard error, 100 batches of 32 windows
 # The GPT twin's exact NLL on the same windows is nll_per_seq's.
 
 @torch.no_grad()
