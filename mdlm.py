@@ -47,8 +47,8 @@ PRESETS = {
     'tiny': dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, use_time=True,
                  batch_size=32, max_iters=5000, lr=3e-3, eval_interval=500, eval_iters=20),
 }
-# Shared by the presets: the learning-rate schedule and the optimizer (section 6); how many characters
-# training hides, and the loss (section 5).
+# Shared by the presets: the learning-rate schedule (warm up, hold, decay) and the optimizer, Muon (section
+# 6); the rule that draws how many characters training hides, and the loss, a likelihood bound (section 5).
 RECIPE = dict(min_lr=1e-4, warmup_iters=100, decay_frac=0.5, weight_decay=0.1, optimizer='muon',
               t_proposal='cosine', loss='nelbo')
 
