@@ -1,21 +1,20 @@
 """
 mdlm.py: a Masked Diffusion Language Model, from scratch, in one file.
 
-A GPT writes text left to right, one character per forward pass. A masked diffusion LM starts from
-a line of [MASK] and, over as many passes as one asks, replaces masks with characters anywhere in
-the line, each pass seeing the whole line both ways. Training is BERT's masked-token prediction
-with the fraction masked drawn fresh for every sequence, from 0 to 1, and the losses weighted so
-that their sum bounds the negative log-likelihood (MDLM, Sahoo et al. 2024; LLaDA, Nie et al. 2025).
+A GPT writes text left to right, one character per pass. A masked diffusion LM starts from a line
+of [MASK] and replaces masks anywhere in the line, each pass seeing the whole line both ways.
+Training is BERT's masked prediction with the share of masks drawn fresh for every window, the
+losses weighted to bound the negative log-likelihood (MDLM, Sahoo et al. 2024; LLaDA, Nie et al. 2025).
 
-Sections 1-9 are the lesson, each a `# %%` cell (a notebook runs their `if NOTEBOOK:` demos);
-nothing in them uses the harness below the marked line. python mdlm.py --train, then --sample,
---complete "ROMEO:", --infill "To [___] or not to [___]", --eval; --help says the rest.
+Part 1 (sections 1-9) is a whole MDLM that trains, samples, fills blanks and scores. Part 2
+(sections 10-16) holds the upgrades the defaults use. The harness runs it all: python mdlm.py
+--train, then --sample, --complete "ROMEO:", --infill "To [___] or not to [___]", --eval.
+Each section is a `# %%` cell; in a notebook, the `if NOTEBOOK:` demos run.
 """
 
 import contextlib
 import math
 import os
-import re
 import sys
 from dataclasses import dataclass
 
@@ -25,69 +24,62 @@ import torch.nn.functional as F
 
 
 # %% 1. Config -------------------------------------------------------------------------------------
-# The numbers a reader tunes, each with the section that explains it. Losses are in nats per
-# character (natural log; divide by log 2 = 0.693 for bits per character).
+# The numbers a reader tunes. Losses are in nats per character: natural logs.
+# Divide by log 2 = 0.693 for bits per character.
 
 @dataclass
-class ModelConfig:           # section 4
-    vocab_size: int = 66     # the 65 characters of Tiny Shakespeare, and one more id that marks a hidden one
-    block_size: int = 256    # the context: the longest line of characters the model reads at once
+class ModelConfig:           # the network (section 4)
+    vocab_size: int = 66     # the 65 characters of Tiny Shakespeare, plus one id for [MASK]
+    block_size: int = 256    # the context: how many characters the model reads at once
     n_layer: int = 6
     n_head: int = 6
     n_embd: int = 384
     dropout: float = 0.2
-    use_time: bool = True    # tell the model how much of its input is hidden (section 4)
-    causal: bool = False     # True: the same network reading left to right only, a GPT (section 4)
+    use_time: bool = True    # tell the model the share of its input that is hidden (section 4)
+    causal: bool = False     # True: the same network reading left to right only, a GPT (section 16)
 
-# 'base' is shaped like nanoGPT's character-level Shakespeare GPT, for a GPU; 'tiny' for a CPU. Every
-# eval_interval steps a run scores held-out text on eval_iters batches (section 9).
+# 'base' has the shape of nanoGPT's character-level Shakespeare GPT, for a GPU. 'tiny' is for a CPU.
+# Every eval_interval steps a training run scores held-out text on eval_iters batches (section 9).
 PRESETS = {
     'base': dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, use_time=True,
                  batch_size=64, max_iters=5000, lr=1e-3, eval_interval=250, eval_iters=50),
     'tiny': dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, use_time=True,
                  batch_size=32, max_iters=5000, lr=3e-3, eval_interval=500, eval_iters=20),
 }
-# Shared by the presets: the learning-rate schedule (warm up, hold, decay) and the optimizer, Muon (section
-# 6); the rule that draws how many characters training hides, and the loss, a likelihood bound (section 5).
+# The training recipe that both presets share. The learning rate warms up, holds, then decays over the
+# last half of the steps (section 6). The optimizer is Muon (section 11). The number of hidden
+# characters is drawn by the cosine proposal (section 10). The loss is the NELBO (section 5).
 RECIPE = dict(min_lr=1e-4, warmup_iters=100, decay_frac=0.5, weight_decay=0.1, optimizer='muon',
               t_proposal='cosine', loss='nelbo')
 
-@dataclass
-class SamplerConfig:             # how text is written (section 7)
-    rule: str = 'confidence'     # which hidden characters a step fills: 'confidence', 'ancestral' or 'random'
-    steps: int = 8               # steps to fill a block
-    semi_ar: int = 8             # blocks of this many hidden characters, left to right (0: one block)
-    temperature: float = 1.0     # 0: always the likeliest character
-    top_p: float = 1.0           # draw only among the likeliest characters whose probabilities sum to top_p
-
-INFILL_TEMPERATURE = 0.0   # one fill of a blank (section 8) is the best guess; several are drawn at 1
 SEED = 1337                # training's batches and noise, and sampling, unless --seed says otherwise
-EVAL_SEED = 1234           # every evaluation scores the same text the same way (section 9)
+EVAL_SEED = 1234           # every evaluation scores the same windows with the same masks (section 9)
 MASK_GLYPH = '■'           # how a hidden character is drawn on screen
-DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)) if '__file__' in globals()
-                            else os.getcwd(), 'input.txt')   # in a notebook (no __file__): the working folder
+HERE = os.path.dirname(os.path.abspath(__file__)) if '__file__' in globals() else os.getcwd()   # notebook: cwd
+DEFAULT_DATA = os.path.join(HERE, 'input.txt')
 NOTEBOOK = __name__ == '__main__' and 'ipykernel' in sys.modules   # the demos run in a notebook only
 DEMO_ITERS = 1000          # training steps of the notebook's demo (section 6)
 
 class CliError(Exception):
-    """Bad input (an unknown character, a text with no blank): the command line says it in one line."""
+    """Bad input, such as an unknown character: the command line reports it in one line."""
 
 # %% 2. Data ---------------------------------------------------------------------------------------
-# Tiny Shakespeare, a character tokenizer, and one extra id, [MASK], that stands for a hidden character
-# (V = vocab_size ids in all). x0 is a batch of clean text, (B, T): B windows of T characters. A GPT's
-# target is its input shifted by one; here the target is x0 itself, and the input x0 with holes.
+# Tiny Shakespeare, a character tokenizer, and one extra id, [MASK], that stands for a hidden
+# character: V = vocab_size ids in all. x0 is a batch of clean text, shape (B, T): B windows of T
+# characters. A GPT's target is its input shifted by one. Here the target is x0 itself, and the
+# input is x0 with holes in it.
 
 class Tokenizer:
     """Characters <-> ids: the sorted characters of the text, then [MASK] as the last id, V - 1."""
     def __init__(self, chars):
-        self.itos = list(chars)                     # id -> char; [MASK] is not in here
+        self.itos = list(chars)                     # id -> char; [MASK] is not in this list
         self.stoi = {c: i for i, c in enumerate(self.itos)}
         self.mask_id = len(self.itos)
-        self.vocab_size = len(self.itos) + 1        # + [MASK]
+        self.vocab_size = len(self.itos) + 1        # the characters, plus [MASK]
 
     def encode(self, s):
         unknown = sorted(set(c for c in s if c not in self.stoi))
-        if unknown:   # a silent fallback to some id would corrupt the input; refuse instead
+        if unknown:   # mapping it to some id would silently corrupt the input, so refuse
             raise CliError(f'characters not in the vocabulary: {" ".join(repr(c) for c in unknown)}')
         return [self.stoi[c] for c in s]
 
@@ -95,15 +87,16 @@ class Tokenizer:
         return ''.join(MASK_GLYPH if i == self.mask_id else self.itos[i] for i in ids)
 
 def split_data(text, tok, block_size):
-    """First 90% for training, last 10% held out for the likelihood, as nanoGPT does."""
+    """The first 90% for training, the last 10% held out for the likelihood, as nanoGPT does."""
     data = torch.tensor(tok.encode(text), dtype=torch.long)
-    n = int(0.9 * len(data))
-    if len(data) - n < block_size + 1:
-        raise CliError(f'{len(data)} characters are too few for block_size {block_size}: a split needs {block_size+1}')
-    return data[:n], data[n:]
+    n_train = int(0.9 * len(data))
+    if len(data) - n_train < block_size + 1:
+        raise CliError(f'{len(data)} characters are too few for block_size {block_size}: '
+                       f'each split needs {block_size + 1}')
+    return data[:n_train], data[n_train:]
 
 def get_batch(data, batch_size, block_size, generator):
-    """(B, T) windows of clean text, x0, at random offsets."""
+    """x0: (B, T) windows of clean text at random offsets."""
     ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator, device=data.device)
     return data[ix[:, None] + torch.arange(block_size, device=data.device)]   # (B, T)
 
@@ -111,27 +104,30 @@ if NOTEBOOK:   # demo: the text (input.txt, beside this file), its vocabulary, t
     text = open(DEFAULT_DATA, encoding='utf-8').read()
     tok = Tokenizer(sorted(set(text)))
     train_data, val_data = split_data(text, tok, PRESETS['tiny']['block_size'])
-    print(f'{len(text):,} characters, {tok.vocab_size} tokens (65 characters + [MASK]), {len(train_data):,} '
-          f'for training, {len(val_data):,} held out; the first 64: {tok.decode(train_data[:64].tolist())!r}')
+    print(f'{len(text):,} characters, {tok.vocab_size} tokens; {len(train_data):,} to train on, {len(val_data):,} held out')
 
 # %% 3. The forward process ------------------------------------------------------------------------
-# Text is destroyed a little at a time. At noise level t in [0, 1], of a window of L characters
-# (L = T) exactly k = round(tL) are replaced by [MASK], a uniformly random set of them: the result is
-# xt. t = 0 is the text, t = 1 a row of masks; each character is hidden with probability tL/L = t, so
-# alpha_t = 1 - t, the chance it is still clean, falls linearly. (MDLM flips a coin of chance t for
-# each character; given how many came up, that is this process, and section 5 shows why only the count
-# matters.) [MASK] absorbs: with the same random numbers, a larger t hides more, never fewer. Undoing
-# this is the whole task: say what was under each mask.
+# Text is destroyed a little at a time. Take a window of L characters (L = T).
+# At noise level t in [0, 1], exactly k = round(tL) of them are replaced by [MASK].
+# Which ones is a uniformly random set of k positions. The result is called xt.
+# t = 0 is the clean text; t = 1 is a row of masks.
+# Each character is hidden with probability k / L, which is t when tL is a whole number.
+# So alpha_t = 1 - t, the chance that a character is still clean, falls linearly in t.
+# Masks absorb: with the same random numbers, a larger t hides more characters, never fewer.
+# (MDLM instead flips a coin with chance t for each character. Given how many coins came up, that
+# process is this one, and section 5 shows that only the count matters.)
+# The model's whole task is to undo this: to say what stood under each mask.
 
 def forward_mask(x0, t, mask_id, generator=None):
-    """x0: (B, T) clean ids; t: (B,) noise levels. Returns xt (B, T) and the mask (B, T): in row b the
-    round(t_b T) positions with the smallest random numbers u, a uniformly random set of that size."""
+    """x0: (B, T) clean ids; t: (B,) noise levels. Returns xt (B, T) and mask (B, T).
+    In row b, the round(t_b * T) positions with the smallest random numbers u are hidden."""
     u = torch.rand(x0.shape, generator=generator, device=x0.device)
-    mask = u.argsort(1).argsort(1) < (t * x0.size(1)).round()[:, None]   # each position's rank by u, 0 first
+    rank = u.argsort(1).argsort(1)                        # each position's rank by u, 0 first
+    mask = rank < (t * x0.size(1)).round()[:, None]       # (B, T)
     return x0.masked_fill(mask, mask_id), mask
 
 def show_noise(text, tok, seed=0):
-    """One line at t = 0, 0.25, 0.5, 0.75, 1, the same random numbers each time, so the masks only grow."""
+    """One line at t = 0, 0.25, 0.5, 0.75, 1, with the same random numbers, so the masks only grow."""
     x0, lines = torch.tensor([tok.encode(text)]), []
     for t in (0.0, 0.25, 0.5, 0.75, 1.0):
         xt, _ = forward_mask(x0, torch.tensor([t]), tok.mask_id, torch.Generator().manual_seed(seed))
@@ -142,31 +138,24 @@ if NOTEBOOK:   # demo: one line of the play, destroyed a little more at each t
     print(show_noise('First Citizen: Before we proceed any further, hear me speak.', tok))
 
 # %% 4. The model ----------------------------------------------------------------------------------
-# A transformer that reads xt and predicts x0 at every position: a GPT, block for block, except
-#   1) no causal mask: every position attends to every other, in both directions;
-#   2) it may be told the noise level t (use_time), through adaLN (below);
-#   3) it never predicts [MASK], which clean text never holds: that logit is -inf. MDLM calls this SUBS,
-#      with a second rule: a character the input shows is kept as it is (the loss and sampler do that);
-#   4) QK-norm (ViT-22B, OLMo 2): each head scales its queries to a root mean square of 2 and its keys
-#      to 1, so no attention score exceeds 2 sqrt(hs) however large the weights grow.
-# The GPT twin, the yardstick of sections 5 and 9, is this network with causal=True and no t: it
-# predicts the next character. Shapes: C = n_embd channels, nh = n_head heads of hs = C / nh each.
-# Positions are rotary (RoPE, as in LLaMA and MDLM): each query and key is turned by an angle
-# proportional to its position, so a score depends on how far apart two characters are.
+# A transformer reads xt and predicts x0 at every position. It is a GPT, block for block, with
+# three changes:
+#   1) No causal mask: every position attends to every other, in both directions.
+#   2) It may be told the noise level t (use_time), through adaLN, explained below.
+#   3) It never predicts [MASK], because clean text never holds one: that logit is set to -inf.
+#      MDLM calls this SUBS. SUBS has a second rule, that a character the input shows is kept as it
+#      is; the loss and the sampler below follow it.
+# Two details that a GPT may also have. Positions are rotary (RoPE, as in LLaMA and MDLM): each
+# query and key is turned by an angle proportional to its position, so a score depends on how far
+# apart two characters are. And QK-norm: each head scales its queries to a root mean square (RMS)
+# of 2 and its keys to 1, so no score exceeds 2 sqrt(hs), however large the weights grow.
+# ViT-22B and OLMo 2 learn these gains; here they are fixed, and 2 for the queries measured best.
+# Shapes: C = n_embd channels, n_head heads of hs = C / n_head channels each.
 
 def apply_rope(x, cos, sin):
-    """Rotate each pair of channels (j, j + hs/2) of x (B, nh, T, hs) by its position's angle."""
+    """Rotate each pair of channels (j, j + hs/2) of x (B, n_head, T, hs) by its position's angle."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-
-def attention(q, k, v, causal, dropout=0.0):
-    """softmax(q k^T / sqrt(hs)) v, (B, nh, T, hs). A GPT fills the upper triangle of `att` with
-    -inf, so position i sees only positions <= i; a diffusion LM does not."""
-    T = q.size(-2)
-    att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))   # (B, nh, T, T)
-    if causal:                                                 # GPT twin: no looking right
-        att = att.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float('-inf'))
-    return F.dropout(att.softmax(dim=-1), dropout) @ v
 
 class SelfAttention(nn.Module):
     def __init__(self, config):
@@ -177,25 +166,27 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, rope):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        q, k = 2 * F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))   # QK-norm (4 above)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)        # q, k, v: (B, nh, T, hs)
-        p = self.dropout if self.training else 0.0
-        if q.is_cuda or not torch.is_autocast_enabled('cpu'):   # PyTorch's fused kernel: the same values
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=self.causal)   # GPT twin: causal
-        else:                                                   # a CPU under bfloat16 autocast: the formula
-            y = attention(q, k, v, self.causal, p)
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        query, key, value = qkv                                  # each (B, n_head, T, hs)
+        query = 2 * F.rms_norm(query, (query.size(-1),))         # QK-norm
+        key = F.rms_norm(key, (key.size(-1),))
+        query, key = apply_rope(query, *rope), apply_rope(key, *rope)
+        dropout = self.dropout if self.training else 0.0
+        # softmax(query key^T / sqrt(hs)) value, in one fused call; section 16 writes it out
+        y = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=self.causal)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
-# adaLN, "adaptive LayerNorm" (DiT, the diffusion transformer): each block turns t's embedding
-# into a shift and a scale of its LayerNorms' outputs, h = LN(x) * (1 + scale(t)) + shift(t),
-# from a layer that starts at zero (as DiT's adaLN-Zero does): at step 0, t changes nothing.
-# Is t needed? The input holds exactly tL masks: the model could count them (RADD, Ou et al. 2024).
+# adaLN, "adaptive LayerNorm", as in DiT, the diffusion transformer: each block turns t's embedding
+# into a shift and a scale of its LayerNorms' outputs, h = LN(x) * (1 + scale(t)) + shift(t).
+# The layer that makes them starts at zero, as in DiT's adaLN-Zero, so at step 0 t changes nothing.
+# Unlike DiT, there are no gates on the residual branches, and the LayerNorms keep their own gains.
+# Is t needed at all? The input holds round(tL) masks, so the model could count them
+# (RADD, Ou et al. 2024, proves that the best model needs no t).
 
 TIME_DIM = 128   # width of the time embedding that feeds every block's adaLN
 
 class Block(nn.Module):
-    """A pre-LayerNorm transformer block, with adaLN when the model uses t."""
+    """A pre-LayerNorm transformer block, with adaLN when the model is told t."""
     def __init__(self, config):
         super().__init__()
         C = config.n_embd
@@ -203,13 +194,13 @@ class Block(nn.Module):
         self.attn = SelfAttention(config)
         self.ln2 = nn.LayerNorm(C)
         self.mlp = nn.Sequential(nn.Linear(C, 4 * C, bias=False), nn.GELU(approximate='tanh'),
-                                 nn.Linear(4 * C, C, bias=False))   # GPT-2's GELU
+                                 nn.Linear(4 * C, C, bias=False))   # GPT-2's MLP
         self.drop = nn.Dropout(config.dropout)
         self.ada = nn.Linear(TIME_DIM, 4 * C) if config.use_time else None
 
     def forward(self, x, cond, rope):
         h1 = self.ln1(x)                                                   # (B, T, C)
-        if self.ada is not None:               # cond: (B, TIME_DIM) -> 4 x (B, 1, C)
+        if self.ada is not None:                # cond: (B, TIME_DIM) -> four (B, 1, C)
             shift1, scale1, shift2, scale2 = self.ada(cond)[:, None, :].chunk(4, dim=-1)
             h1 = h1 * (1 + scale1) + shift1
         x = x + self.drop(self.attn(h1, rope))
@@ -232,14 +223,17 @@ class MDLM(nn.Module):
         self.ln_f = nn.LayerNorm(C)
         self.head = nn.Linear(C, config.vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight    # weight tying: reading and writing a char share a vector
-        hs = C // config.n_head                   # RoPE: one angle per pair of channels and position
-        angles = torch.outer(torch.arange(config.block_size).float(), 10000.0 ** (-torch.arange(0, hs, 2).float() / hs))
-        self.register_buffer('rope_cos', angles.cos(), persistent=False)   # (T, hs/2); not saved: derived
+        # RoPE: one angle per pair of channels and position, (T, hs/2); derived, so not saved
+        hs = C // config.n_head
+        freqs = 10000.0 ** (-torch.arange(0, hs, 2).float() / hs)
+        angles = torch.outer(torch.arange(config.block_size).float(), freqs)
+        self.register_buffer('rope_cos', angles.cos(), persistent=False)
         self.register_buffer('rope_sin', angles.sin(), persistent=False)
-        # init as GPT-2: N(0, 0.02), residual projections scaled down by depth; adaLN at zero
+        # Init as GPT-2: N(0, 0.02), the residual projections scaled down by depth; adaLN at zero.
+        residual = ('proj.weight', 'mlp.2.weight')
         for name, p in self.named_parameters():
             if p.dim() == 2:
-                std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith(('proj.weight', 'mlp.2.weight')) else 0.02
+                std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith(residual) else 0.02
                 nn.init.normal_(p, std=std)
             if name.endswith('.bias') or '.ada.' in name:
                 nn.init.zeros_(p)
@@ -248,24 +242,24 @@ class MDLM(nn.Module):
         """Sinusoids of t (B,) at geometric frequencies, then an MLP: (B, TIME_DIM)."""
         half = TIME_DIM // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
-        angles = 1000.0 * t.float()[:, None] * freqs[None, :]   # t in [0, 1] scaled as a position would be
+        angles = 1000.0 * t.float()[:, None] * freqs[None, :]   # t in [0, 1], scaled like a position
         return self.time_mlp(torch.cat([angles.sin(), angles.cos()], dim=-1))
 
     def forward(self, xt, t):
-        """xt: (B, T) ids with [MASK]s; t: (B,) noise levels (None for the GPT). Returns logits (B, T, V)."""
+        """xt: (B, T) ids with [MASK]s; t: (B,) noise levels, None for the GPT. Returns logits (B, T, V)."""
         T = xt.size(1)
-        x = self.drop(self.tok_emb(xt))                                            # (B, T, C)
+        x = self.drop(self.tok_emb(xt))                                     # (B, T, C)
         rope = (self.rope_cos[:T], self.rope_sin[:T])
-        cond = self.time_embedding(t) if self.time_mlp is not None else None      # (B, TIME_DIM); GPT twin: none
+        cond = self.time_embedding(t) if self.time_mlp is not None else None        # (B, TIME_DIM)
         for block in self.blocks:
             x = block(x, cond, rope)
-        logits = self.head(self.ln_f(x))                                           # (B, T, V)
-        # SUBS: [MASK] is never an answer, so an untrained model's loss is log 65, not log 66 (section 5)
-        return logits.float().index_fill(-1, torch.tensor([self.config.vocab_size - 1], device=xt.device),
-                                         float('-inf'))
+        logits = self.head(self.ln_f(x)).float()                            # (B, T, V)
+        # SUBS: [MASK] is never an answer, so an untrained model's loss is log 65, not log 66
+        mask_id = torch.tensor([self.config.vocab_size - 1], device=xt.device)
+        return logits.index_fill(-1, mask_id, float('-inf'))
 
     def num_params(self):
-        return sum(p.numel() for p in self.parameters())   # tied weights are counted once
+        return sum(p.numel() for p in self.parameters())   # the tied weights are counted once
 
 if NOTEBOOK:   # demo: the tiny preset's model, untrained
     torch.manual_seed(SEED)
@@ -274,109 +268,323 @@ if NOTEBOOK:   # demo: the tiny preset's model, untrained
     print(f'{model.num_params() / 1e6:.2f}M parameters, {config}')
 
 # %% 5. The loss -----------------------------------------------------------------------------------
-# What should the model pay for its guesses? The intuitive answer: hide a random share of each window
-# and average the cross-entropy over all the hidden characters of the batch. That trains a fine
-# denoiser, but its number is no likelihood. A small example shows what is.
-# Worked by hand: a window of L = 3 characters, "abc". Picture a writer that starts from three masks
-# and reveals one character a step in a random order, paying -log p(the true character | what is
+# What should the model pay for its guesses? The intuitive answer: hide a random share of each
+# window, and average the cross-entropy over all the hidden characters of the batch. That trains
+# a fine denoiser, but its number is no likelihood. A small example shows what is one.
+#
+# Take a window of L = 3 characters, "abc". Picture a writer that starts from three masks and
+# reveals one character a step, in a random order, paying -log p(the true character | what is
 # visible) each time. In the order c, a, b it pays
-#     k = 3 hidden: -log p(c | ■■■),   k = 2 hidden: -log p(a | ■■c),   k = 1 hidden: -log p(b | a■c),
-# which sum to -log of that order's probability of "abc". Now average over all 3! = 6 orders. At k = 2
-# the hidden pair is {a, b} in 2 orders, {a, c} in 2, {b, c} in 2, and in each pair's 2 orders either
-# one is revealed next once: every k-subset equally often, every member of it equally often. So the step
-# with k hidden costs on average (1/k) * sum over the k hidden i of -log p(x_i | xt), the mean over the
-# hidden ones. Add the steps k = L, ..., 1 and divide by L: per character,
-#     NELBO = E over k ~ U{1..L} and a uniform k-subset hidden [ (1/k) * sum over the k hidden i of -log p(x_i | xt) ].
-# It bounds the likelihood: read the model as this writer with a random order (section 7's sampler
-# revealing one character a step), so p(x) is the average over orders of each order's probability (a
-# proper one: no mass on [MASK]), and -log of an average is at most the average of -log (Jensen):
-# NELBO >= -log p(x) / L. The name: p(x) is the "evidence", and -NELBO a lower bound on log p(x) (ELBO).
-# This any-order view is ARDM's (Hoogeboom et al. 2022) and RADD's (Ou et al. 2024).
-# The intuitive loss pools instead: a window with k hidden counts k times, so heavily masked windows
-# weigh most, where the NELBO takes each window's mean and weighs every k alike.
-# So training draws k in 1..L, hides exactly k characters (forward_mask), tells the model t = k / L and
-# pays the NELBO. MDLM draws t ~ U(0, 1), hides each character with chance t and divides by tL; given
-# k hidden, the Beta integral (1/t) C(L,k) t^k (1-t)^(L-k) over t in [0, 1] is C(L,k) (k-1)! (L-k)! / L!
-# = 1/k, so for a model that ignores t the two agree (MDLM eq. 10). MDLM is BERT with a random number
-# of masks and a 1/k weight: that is the whole trick.
+#     with 3 hidden: -log p(c | ■■■),  with 2 hidden: -log p(a | ■■c),  with 1 hidden: -log p(b | a■c).
+# The three payments sum to -log of the probability that this order writes "abc".
+# Now average over all 3! = 6 orders. Look at the step with 2 hidden characters. The hidden pair
+# is {a, b} in 2 orders, {a, c} in 2 and {b, c} in 2, and within each pair's 2 orders each member
+# is revealed next once. So every set of k hidden positions comes up equally often, and so does
+# every member of it. On average, the step with k hidden costs
+#     (1/k) * sum over the k hidden positions i of -log p(x_i | xt),
+# the mean over the hidden ones. Add the steps for k = L, ..., 1 and divide by L. Per character:
+#     NELBO = E over k ~ uniform on 1..L, and a uniform set of k hidden positions,
+#             of (1/k) * sum over the hidden i of -log p(x_i | xt).
+# Why is it a bound? The writer's chance of writing x is the average, over orders, of each
+# order's probability of x. -log of an average is at most the average of the -logs (Jensen's
+# inequality). So NELBO >= -log p(x) / L. The name: p(x) is called the evidence, and -NELBO is a
+# lower bound on log p(x), the evidence lower bound (ELBO). This any-order view is ARDM's
+# (Hoogeboom et al. 2022) and RADD's (Ou et al. 2024). Section 7's sampler, revealing one character
+# a step in a random order, is this writer.
+#
+# The intuitive loss pools instead: a window with k hidden counts k times, so heavily masked
+# windows weigh most. The NELBO takes each window's mean and weighs every k alike.
+# So training draws k in 1..L, hides exactly k characters (forward_mask with t = k / L), tells the
+# model t, and pays the NELBO: divide the window's summed cross-entropy by k = tL.
+# MDLM writes the same bound with t ~ U(0, 1), a coin of chance t per character, and a weight 1/t.
+# For a model that ignores t the two are equal: given k hidden characters, integrating 1/t against
+# the chance that exactly k are hidden gives 1/k (MDLM, eq. 10; a test in test_mdlm.py checks it).
+# MDLM is BERT with a random number of masks and a 1/k weight: that is the whole trick.
 
 def masked_ce(logits, x0, mask):
-    """Cross-entropy at the masked positions only: (B, T) with zeros elsewhere."""
+    """Cross-entropy at the masked positions only: (B, T), zero elsewhere."""
     return F.cross_entropy(logits.transpose(1, 2), x0, reduction='none') * mask
 
-def nelbo_loss(logits, x0, mask, t, weight=None):
+def naive_loss(logits, x0, mask):
+    """The intuitive loss: the cross-entropy pooled over all the batch's masks. Not a bound."""
+    return masked_ce(logits, x0, mask).sum() / mask.sum().clamp(min=1)
+
+def nelbo_loss(logits, x0, mask, t, weight):
     """The training loss: the NELBO above, averaged over the batch, in nats per character.
-    t = k / L; weight (B,): each row's importance weight when k was not drawn uniformly (see draw_t)."""
-    per_seq = masked_ce(logits, x0, mask).sum(1) / (t * x0.size(1))   # (B,)
-    return (per_seq if weight is None else per_seq * weight).mean()
+    t = k / L per row. weight (B,): how much each row counts; 1 for every row here (section 10)."""
+    per_seq = masked_ce(logits, x0, mask).sum(1) / (t * x0.size(1))   # (B,): divided by k
+    return (per_seq * weight).mean()
 
-# Which k to draw. Stratified: one u ~ U(0, 1) shifted by i / B (mod 1) for row i, k = 1 + floor(uL),
-# spreads the batch's k evenly over 1..L, a far steadier loss. A refinement, importance sampling: draw k from
-# any distribution q(k) > 0 (the proposal) and weigh each row by (1 / L) / q(k): the same expected loss
-# with other noise. The default uses it: 'cosine' maps the same u to t = 1 - cos(pi u / 2), k = ceil(tL):
-# small k more often, each weighed less (q(k) = F(k/L) - F((k-1)/L), F(s) = (2 / pi) acos(1 - s)).
+# Which k to draw. Drawing each row's k on its own gives a noisy loss. Stratified draws are
+# steadier: one u ~ U(0, 1), shifted by i / B (mod 1) for row i, and k = 1 + floor(uL). Then the
+# batch's counts spread evenly over 1..L.
 
-def draw_t(batch_size, L, generator, device, proposal='uniform'):
-    """t = k / L (B,), k masks of L drawn from `proposal`, and each row's weight 1 / (L q(k)): 1 for uniform k."""
-    u = (torch.rand(1, generator=generator, device=device) + torch.arange(batch_size, device=device) / batch_size) % 1
-    if proposal == 'uniform':
-        return (1 + (u * L).floor()).clamp(max=L) / L, torch.ones(batch_size, device=device)
-    k = torch.ceil(L * (1 - torch.cos(math.pi / 2 * u))).clamp(1, L)
-    cdf = lambda s: (2 / math.pi) * torch.acos(1 - s)               # P(the cosine t <= s)
-    return k / L, 1 / (L * (cdf(k / L) - cdf((k - 1) / L)))
+def draw_t(batch_size, L, generator, device):
+    """t = k / L (B,), stratified uniform k, and each row's weight: all 1."""
+    u = torch.rand(1, generator=generator, device=device)
+    u = (u + torch.arange(batch_size, device=device) / batch_size) % 1
+    k = (1 + (u * L).floor()).clamp(max=L)
+    return k / L, torch.ones(batch_size, device=device)
 
-def gpt_input(x0, start_id):
-    """GPT twin: its input, [start] + x0[:-1] ([MASK] serves as the start token), so it predicts the same L
-    characters, and its mean cross-entropy is their exact negative log-likelihood (NLL) per character."""
-    return torch.cat([torch.full_like(x0[:, :1], start_id), x0[:, :-1]], 1)
-
-if NOTEBOOK:   # demo: untrained, the model guesses about uniformly among 65 characters: a loss near log 65
+if NOTEBOOK:   # demo: untrained, the model guesses nearly uniformly among 65 characters
     gen = torch.Generator().manual_seed(SEED)
     x0 = get_batch(train_data, 32, config.block_size, gen)
-    t, _ = draw_t(32, config.block_size, gen, 'cpu')
+    t, weight = draw_t(32, config.block_size, gen, 'cpu')
     xt, mask = forward_mask(x0, t, tok.mask_id, gen)
-    print(f'NELBO {nelbo_loss(model(xt, t), x0, mask, t).item():.3f}, log 65 = {math.log(65):.3f}')
+    loss = nelbo_loss(model(xt, t), x0, mask, t, weight)
+    print(f'NELBO {loss.item():.3f}, log 65 = {math.log(65):.3f}')
 
 # %% 6. One training step --------------------------------------------------------------------------
-# Draw the batch and its noise, forward, loss, backward, clip, update; the harness's train() loops.
+# Draw a batch and its noise; forward, loss, backward, clip, update.
 
 def get_lr(it, lr, min_lr, warmup_iters, max_iters, decay_frac):
-    """The lr at step `it`: warmup, stable, then a linear decay to min_lr over the last decay_frac of the steps."""
+    """The learning rate at step `it`: warm up, hold, then decay linearly over the last decay_frac."""
     if it < warmup_iters:                                        # 1) linear warmup from 0
         return lr * (it + 1) / warmup_iters
-    decay_start = max(warmup_iters, (1 - decay_frac) * max_iters)             # 2) stable at lr until here
-    frac = min(1.0, max(0.0, (it - decay_start) / max(1, max_iters - decay_start)))
+    decay_start = max(warmup_iters, (1 - decay_frac) * max_iters)   # 2) hold lr until here
+    frac = (it - decay_start) / max(1, max_iters - decay_start)
+    frac = min(1.0, max(0.0, frac))
     return lr - frac * (lr - min_lr)                             # 3) linear decay to min_lr
 
-def training_batch(data, batch_size, block_size, mask_id, generator, causal, proposal='uniform'):
-    """(x0, xt, mask, t, weight): x0 with k = tL masks, k from `proposal`, or for a GPT x0 shifted (and Nones)."""
+def training_batch(data, batch_size, block_size, mask_id, generator, draw=draw_t):
+    """(x0, xt, mask, t, weight): clean windows, the same with k = tL hidden, and each row's weight."""
     x0 = get_batch(data, batch_size, block_size, generator)
-    if causal:                                                     # GPT twin: x0 shifted, nothing hidden
-        return x0, gpt_input(x0, mask_id), None, None, None
-    t, w = draw_t(batch_size, block_size, generator, data.device, proposal)
+    t, weight = draw(batch_size, block_size, generator, data.device)
     xt, mask = forward_mask(x0, t, mask_id, generator)
-    return x0, xt, mask, t, w
+    return x0, xt, mask, t, weight
 
-def batch_loss(model, x0, xt, mask, t, w, objective='nelbo'):
-    """A training_batch's loss: the GPT's NLL, the NELBO, or the pooled masked CE (objective='naive')."""
+def batch_loss(model, x0, xt, mask, t, weight, objective='nelbo'):
+    """A training_batch's loss: the NELBO, or the intuitive pooled loss (objective='naive')."""
     logits = model(xt, t)
-    if mask is None:                                               # GPT twin: exactly -log p(x0) / L
-        return F.cross_entropy(logits.transpose(1, 2), x0)
-    if objective == 'naive':     # the intuitive loss, pooled over the batch's masks: every masked char alike
-        return masked_ce(logits, x0, mask).sum() / mask.sum().clamp(min=1)
-    return nelbo_loss(logits, x0, mask, t, w)
+    if objective == 'naive':
+        return naive_loss(logits, x0, mask)
+    return nelbo_loss(logits, x0, mask, t, weight)
 
-# The update. AdamW scales each weight's step by its own gradient history; Muon (K. Jordan, 2024) steps a
-# matrix by the (semi-)orthogonal matrix nearest its Nesterov momentum, moving every direction the matrix
-# maps equally, not mostly the few where the gradient is large. Newton-Schulz gets there without an SVD:
-# five steps of matmuls, each an odd polynomial (Jordan's coefficients) of every singular value, push them
-# all near 1. The scale 0.2 sqrt(max(rows, cols)) gives AdamW's typical step size, so one lr serves both.
-# Muon takes the blocks' matrices, AdamW the rest: the embedding (tied to the head), the time input, gains, biases.
+def train_step(model, optimizers, batch, lr, loss_fn=batch_loss, autocast=contextlib.nullcontext):
+    """One step on a batch; the forward pass runs inside `autocast`. Returns the loss, detached."""
+    for opt in optimizers:                                         # 1) this step's learning rate
+        for group in opt.param_groups:
+            group['lr'] = lr
+    with autocast():
+        loss = loss_fn(model, *batch)                              # 2) forward and loss
+    loss.backward()                                                # 3) backward
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)        # 4) clip the gradient's norm at 1
+    for opt in optimizers:                                         # 5) update, then clear
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return loss.detach()
+
+if NOTEBOOK:   # demo: train the tiny model for DEMO_ITERS steps with AdamW
+    batch_size, block_size = PRESETS['tiny']['batch_size'], PRESETS['tiny']['block_size']
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.99), weight_decay=0.1)
+    for it in range(DEMO_ITERS):
+        batch = training_batch(train_data, batch_size, block_size, tok.mask_id, gen)
+        lr = get_lr(it, 2e-3, 1e-4, 100, DEMO_ITERS, 0.5)
+        loss = train_step(model, [optimizer], batch, lr)
+        if it % 100 == 0 or it == DEMO_ITERS - 1:
+            print(f'step {it} | loss {loss.item():.4f}')
+    model.eval()
+
+# %% 7. Sampling -----------------------------------------------------------------------------------
+# The reverse process runs section 3 backwards, from a row of masks to text, in N steps.
+# Say a step starts with k_now hidden characters and ends with k_next.
+# Section 3 hid a uniformly random set, so of the k_now hidden now, the ones that were already
+# clean at k_next are a uniformly random set of k_now - k_next. The exact reverse step therefore
+#   1) runs the model on x, for a distribution over the characters at every position;
+#   2) picks k_now - k_next of the hidden positions, uniformly at random;
+#   3) draws a character for each picked position from the model's distribution, and reveals it.
+# Drawing several characters from one pass treats them as independent, the one approximation.
+# With one reveal a step it is gone: the loop is then section 5's random-order writer.
+# Revealed characters are never touched again, so the same loop samples, completes a prompt
+# (the prompt, then masks) and fills blanks. As in training, the model is told t = the share of
+# its input still hidden. A row of M masks reveals M // N a step, and one more in the first M mod N
+# steps, so that N steps reveal all M.
+# The loop takes two rules as arguments: `choose`, which hidden positions a step reveals, and
+# `draw`, how their characters are drawn. Part 2 adds other rules to the same loop.
+
+def draw_characters(logits, generator=None):
+    """A character for every position, drawn from softmax(logits), and its probability: (B, T) each."""
+    probs = logits.softmax(-1)                                                 # (B, T, V)
+    flat = torch.multinomial(probs.flatten(0, 1), 1, generator=generator)      # (B * T, 1)
+    chars = flat.view(probs.shape[:-1])
+    return chars, probs.gather(-1, chars[..., None])[..., 0]
+
+def choose_random(todo, n_reveal, logits, prob, steps_left, generator):
+    """The exact reverse: n_reveal[b] of row b's hidden positions (todo, (B, T)), a uniformly random set."""
+    score = torch.rand(todo.shape, generator=generator, device=todo.device)
+    rank = score.masked_fill(~todo, float('-inf')).argsort(1, descending=True).argsort(1)   # 0: first
+    return todo & (rank < n_reveal[:, None])
+
+@torch.no_grad()
+def denoise(model, x, steps, generator=None, fill=None, choose=choose_random, draw=draw_characters,
+            on_step=None):
+    """Fill the [MASK]s of x (B, T) that `fill` marks (default: all of them) in `steps` passes.
+    on_step(x) sees the result of each pass. Returns the new x."""
+    mask_id = model.config.vocab_size - 1
+    x = x.clone()
+    if fill is None:
+        fill = x == mask_id
+    M = fill.sum(1)                                                    # (B,) masks to fill
+    for i in range(steps):
+        todo = fill & (x == mask_id)                                   # (B, T) still hidden
+        if not todo.any():
+            break
+        logits = model(x, (x == mask_id).float().mean(1))             # told t: the share hidden
+        chars, prob = draw(logits, generator)                          # a candidate everywhere
+        n_reveal = M // steps + (i < M % steps).long()                 # (B,)
+        chosen = choose(todo, n_reveal, logits, prob, steps - i, generator)
+        x = torch.where(chosen, chars, x)
+        if on_step is not None:
+            on_step(x)
+    return x
+
+if NOTEBOOK:   # demo: two lines out of pure noise, one character a pass
+    masks = torch.full((2, config.block_size), tok.mask_id)
+    out = denoise(model, masks, config.block_size, gen)
+    print('\n\n'.join(tok.decode(row.tolist()) for row in out))
+
+# %% 8. Completion and infilling -------------------------------------------------------------------
+# The same loop, with some characters given. Completion: the prompt, then masks. Infilling:
+# masks in the blanks and text on both sides, which a GPT cannot use: it never sees the right side.
+# Both take `sample`, a function that fills the masks of a batch: for example denoise above.
+
+def generate_text(model, prefix, length, num_samples, sample):
+    """`length` new characters after `prefix` (ids), in num_samples rows, one window at a time.
+    The first window holds up to T - 1 characters of the prompt; each later window keeps the last
+    half window of text. Masks fill the rest of each window."""
+    T, mask_id = model.config.block_size, model.config.vocab_size - 1
+    device = next(model.parameters()).device
+    out = torch.tensor(prefix, dtype=torch.long, device=device).repeat(num_samples, 1)   # (B, P)
+    while out.size(1) < len(prefix) + length:
+        if out.size(1) == len(prefix):
+            keep = min(out.size(1), T - 1)                 # the first window: the prompt
+        else:
+            keep = min(out.size(1), T - T // 2)            # later windows: half a window of text
+        n_new = min(len(prefix) + length - out.size(1), T - keep)    # masks to write in this window
+        context = out[:, out.size(1) - min(out.size(1), T - n_new):]  # all the text that fits
+        masks = torch.full((num_samples, n_new), mask_id, device=device)
+        window = sample(torch.cat([context, masks], 1))
+        out = torch.cat([out, window[:, -n_new:]], 1)
+    return out
+
+def blank_window(start, end, n, T):
+    """Where the T-wide window around the blank [start, end) of a text of n begins: centred on the
+    blank, inside the text, and never after the blank's start."""
+    return max(0, min((start + end - T) // 2, n - T, start))
+
+def infill(model, ids, num_samples, sample):
+    """Fill the [MASK]s of ids (a list) in num_samples rows: (B, L). One blank at a time, each
+    in the context-wide window around it, which holds its text on both sides."""
+    T, mask_id = model.config.block_size, model.config.vocab_size - 1
+    x = torch.tensor(ids, device=next(model.parameters()).device).repeat(num_samples, 1)   # (B, L)
+    while (x == mask_id).any():
+        hidden = (x[0] == mask_id).long()           # the rows are copies: row 0's blanks
+        start = hidden.argmax().item()              # the first mask left
+        rest = hidden[start:]
+        end = len(ids)                              # the blank runs to the next clean character
+        if (rest == 0).any():
+            end = start + rest.argmin().item()
+        w = blank_window(start, end, len(ids), T)
+        x[:, w:w + T] = sample(x[:, w:w + T])
+    return x
+
+if NOTEBOOK:   # demo: continue a prompt; fill a blank from both sides
+    sample = lambda x: denoise(model, x, x.size(1), gen)
+    print(tok.decode(generate_text(model, tok.encode('ROMEO:\n'), 96, 1, sample)[0].tolist()))
+    ids = tok.encode('To be, or not to be, that is the ') + [tok.mask_id] * 8 + tok.encode('.')
+    print('\n'.join(tok.decode(row.tolist()) for row in infill(model, ids, 2, sample)))
+
+# %% 9. Evaluation ---------------------------------------------------------------------------------
+# An honest likelihood: held-out text, the same windows and masks every time, and low variance.
+# The estimator is section 5's: exactly k hidden, with k spread evenly over 1..L across the batch,
+# each window's cross-entropy divided by k (LLaDA's likelihood estimator). For the default tiny
+# model, `python mdlm.py --eval` printed
+#   val nelbo: 1.8629 nats/char (2.6875 bits/char) +- 0.0096 (standard error, 100 batches of 32
+#   windows of 64); perplexity <= 6.442 (an upper bound: the NELBO bounds -log p)
+
+@torch.no_grad()
+def nelbo_per_seq(model, x0, generator):
+    """The NELBO's estimate for each window (B,), nats per character: exactly k_b = t_b L hidden."""
+    t, _ = draw_t(*x0.shape, generator, x0.device)
+    xt, mask = forward_mask(x0, t, model.config.vocab_size - 1, generator)
+    return masked_ce(model(xt, t), x0, mask).sum(1) / mask.sum(1)
+
+@torch.no_grad()
+def estimate_loss(model, data, n_batches, batch_size, seed=EVAL_SEED, per_seq=None):
+    """Nats per character, and its standard error over n_batches seeded batches: the NELBO, or
+    per_seq(model, x0) when given. The windows and the masks have generators of their own, so
+    every call scores the same ones. A batch shares one stratified draw: the error is between batches."""
+    assert per_seq is not None or not model.config.causal, 'a GPT is scored by its own per_seq'
+    was_training = model.training
+    model.eval()
+    windows = torch.Generator(device=data.device).manual_seed(seed)
+    noise = torch.Generator(device=data.device).manual_seed(seed + 1)
+    means = []
+    for _ in range(n_batches):
+        x0 = get_batch(data, batch_size, model.config.block_size, windows)
+        if per_seq is None:
+            scores = nelbo_per_seq(model, x0, noise)
+        else:
+            scores = per_seq(model, x0)
+        means.append(scores.float().mean())
+    model.train(was_training)
+    m = torch.stack(means)
+    se = (m.std() / math.sqrt(len(m))).item() if len(m) > 1 else float('nan')
+    return m.mean().item(), se
+
+if NOTEBOOK:   # demo: the trained model's bound on held-out text
+    nelbo, se = estimate_loss(model, val_data, 10, 32)
+    print(f'val NELBO {nelbo:.3f} +- {se:.3f} nats/char: perplexity <= {math.exp(nelbo):.2f}')
+
+# %% ======================= THE CORE IS COMPLETE ==================================================
+# Sections 1-9 are a whole MDLM. Part 2 below holds the upgrades that the defaults use, each a cell
+# that says what it changes, why, and what it bought. Nothing above uses anything below.
+# ================================================================================================
+
+# %% 10. Upgrade: the cosine proposal --------------------------------------------------------------
+# Changes: which k training draws (section 5 draws k uniformly on 1..L).
+# Why: the loss is an average over k, and we may estimate an average with draws from any
+# distribution q(k) > 0 (the proposal) if each draw is weighed by (1/L) / q(k): draws made more
+# often than uniform count less. That is importance sampling: the expected loss stays the NELBO
+# exactly; only its noise changes. Small k (few masks, an easy task, much text to see) turned out
+# worth drawing more often. The cosine proposal maps the same stratified u to t = 1 - cos(pi u / 2)
+# and k = ceil(tL). Its distribution function is F(s) = P(t <= s) = (2 / pi) acos(1 - s), so
+# q(k) = F(k / L) - F((k - 1) / L).
+# Bought: logged val 2.038 / 2.043 on two seeds against 2.055 / 2.068 for uniform k, at 2000 steps
+# (lab/README.md, commit b9af769): python lab/lab.py --recipe t_proposal=uniform -- --train --max-iters 2000
+
+def draw_t_cosine(batch_size, L, generator, device):
+    """t = k / L (B,), k from the cosine proposal, and each row's importance weight 1 / (L q(k))."""
+    u = torch.rand(1, generator=generator, device=device)
+    u = (u + torch.arange(batch_size, device=device) / batch_size) % 1
+    k = torch.ceil(L * (1 - torch.cos(math.pi / 2 * u))).clamp(1, L)
+    cdf = lambda s: (2 / math.pi) * torch.acos(1 - s)               # F(s) = P(cosine t <= s)
+    return k / L, 1 / (L * (cdf(k / L) - cdf((k - 1) / L)))
+
+PROPOSALS = {'uniform': draw_t, 'cosine': draw_t_cosine}          # RECIPE['t_proposal'] picks one
+
+# %% 11. Upgrade: Muon -----------------------------------------------------------------------------
+# Changes: the optimizer of the blocks' weight matrices (section 6's demo uses AdamW for all).
+# Why: AdamW scales each weight's step by that weight's own gradient history. Muon (K. Jordan,
+# 2024) treats a matrix as a whole. It keeps a momentum of the gradients, B = mu B + G, and steps
+# along G + mu B (Nesterov momentum: the gradient plus where the momentum is going). Before the
+# step it replaces that matrix, U S V^T, by U V^T: every singular value set to 1. The step then
+# moves every direction that the matrix maps by the same amount, not mostly the few directions
+# where the gradient is large. Newton-Schulz gets U V^T without an SVD: scale the matrix so that
+# its singular values are at most 1, then apply five times X <- a X + (b X X^T + c (X X^T)^2) X.
+# Each round maps every singular value s to a s + b s^3 + c s^5, and K. Jordan's coefficients
+# (a, b, c) push all of them near 1 fast. An orthogonal step of an m x n matrix has entries of size
+# about 1 / sqrt(max(m, n)); the factor 0.2 sqrt(max(m, n)) brings it to AdamW's typical step
+# size, so one learning rate serves both. AdamW keeps the embedding (tied to the head), the time
+# input, the adaLN layers, the gains and the biases.
+# Bought: logged val 2.056 against AdamW's 2.191 at 2000 steps (lab/README.md, "The faster
+# learner"): python lab/lab.py --recipe optimizer=adamw -- --train --max-iters 2000 --no-time --lr 2e-3
 
 def orthogonalize(G, steps=5, dtype=torch.float32):
-    """About U V^T for G = U S V^T, each matrix of a stack (..., m, n): Muon's quintic Newton-Schulz, in `dtype`."""
-    tall = G.size(-2) > G.size(-1)               # iterate on the wide side: X X^T is the small one
-    X = ((G.mT if tall else G) / (G.norm(dim=(-2, -1), keepdim=True) + 1e-7)).to(dtype)   # singular values <= 1
+    """About U V^T for G = U S V^T, for each matrix of a stack (..., m, n): Newton-Schulz in `dtype`."""
+    tall = G.size(-2) > G.size(-1)               # iterate on the wide side: X X^T is the smaller one
+    X = G.mT if tall else G
+    X = (X / (G.norm(dim=(-2, -1), keepdim=True) + 1e-7)).to(dtype)   # singular values <= 1
     for _ in range(steps):
         A = X @ X.mT
         X = 3.4445 * X + (-4.7750 * A + 2.0315 * A @ A) @ X
@@ -391,7 +599,7 @@ class Muon(torch.optim.Optimizer):
     def step(self):
         for group in self.param_groups:
             lr, mu = group['lr'], group['momentum']
-            by_shape = {}                        # one iteration runs on each stack of same-shape matrices
+            by_shape = {}                        # one Newton-Schulz runs on each stack of same-shape matrices
             for p in group['params']:
                 if 'momentum_buffer' not in self.state[p]:
                     self.state[p]['momentum_buffer'] = torch.zeros_like(p)
@@ -399,105 +607,43 @@ class Muon(torch.optim.Optimizer):
                 buf.mul_(mu).add_(p.grad)                                        # B = mu B + G
                 by_shape.setdefault(p.shape, []).append((p, p.grad + mu * buf))  # Nesterov: G + mu B
             for shape, pairs in by_shape.items():
-                for (p, _), o in zip(pairs, orthogonalize(torch.stack([g for _, g in pairs]), dtype=self.ns_dtype)):
-                    p.mul_(1 - lr * group['weight_decay']).add_(o, alpha=-lr * 0.2 * math.sqrt(max(shape)))
+                updates = orthogonalize(torch.stack([u for _, u in pairs]), dtype=self.ns_dtype)
+                for (p, _), o in zip(pairs, updates):
+                    p.mul_(1 - lr * group['weight_decay'])
+                    p.add_(o, alpha=-lr * 0.2 * math.sqrt(max(shape)))
 
 def make_optimizers(model, lr, weight_decay, kind='muon', ns_dtype=torch.float32, fused=False):
-    """[Muon on the blocks' matrices, AdamW on the rest] or [AdamW on all]; decay on matrices only."""
-    muon = [p for n, p in model.named_parameters() if kind == 'muon' and n.startswith('blocks.') and
-            '.ada.' not in n and p.dim() == 2]
+    """[Muon on the blocks' matrices, AdamW on the rest], or [AdamW on all]; decay on matrices only."""
+    muon = [p for n, p in model.named_parameters()
+            if kind == 'muon' and n.startswith('blocks.') and '.ada.' not in n and p.dim() == 2]
     rest = [p for p in model.parameters() if all(p is not q for q in muon)]
-    adamw = torch.optim.AdamW([{'params': [p for p in rest if p.dim() >= 2], 'weight_decay': weight_decay},
-                               {'params': [p for p in rest if p.dim() < 2], 'weight_decay': 0.0}],
-                              lr=lr, betas=(0.9, 0.99), fused=fused)
+    groups = [{'params': [p for p in rest if p.dim() >= 2], 'weight_decay': weight_decay},
+              {'params': [p for p in rest if p.dim() < 2], 'weight_decay': 0.0}]
+    adamw = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), fused=fused)
     return ([Muon(muon, lr, weight_decay, ns_dtype=ns_dtype)] if muon else []) + [adamw]
 
-def train_step(model, optimizers, batch, lr, objective='nelbo', autocast=contextlib.nullcontext):
-    """One step on a training_batch, the forward pass in `autocast`; returns the loss, detached."""
-    for group in (g for opt in optimizers for g in opt.param_groups):   # 1) this step's learning rate
-        group['lr'] = lr
-    with autocast():
-        loss = batch_loss(model, *batch, objective)                # 2) forward and loss
-    loss.backward()                                                # 3) backward
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)        # 4) clip, update, clear
-    for opt in optimizers:
-        opt.step()
-    model.zero_grad(set_to_none=True)
-    return loss.detach()
-
-if NOTEBOOK:   # demo: train the tiny model for DEMO_ITERS steps with the default recipe
-    hp = {**RECIPE, **PRESETS['tiny']}
-    optimizers = make_optimizers(model, hp['lr'], hp['weight_decay'], hp['optimizer'])
-    for it in range(DEMO_ITERS):
-        batch = training_batch(train_data, hp['batch_size'], hp['block_size'], tok.mask_id, gen, False,
-                               hp['t_proposal'])
-        lr = get_lr(it, hp['lr'], hp['min_lr'], hp['warmup_iters'], DEMO_ITERS, hp['decay_frac'])
-        loss = train_step(model, optimizers, batch, lr)
-        if it % 100 == 0 or it == DEMO_ITERS - 1:
-            print(f'step {it} | loss {loss.item():.4f}')
-    model.eval()
-
-# %% 7. Sampling -----------------------------------------------------------------------------------
-# The reverse process, from t = 1 (all masks) to t = 0 (text) in N steps of t -> s = t - 1/N. A character
-# hidden at t was hidden already at s with chance s / t (section 3: the hidden set only grows), so it was
-# clean at s with chance (t - s) / t = (alpha_s - alpha_t) / (1 - alpha_t). The step that undoes it is:
-#   1) run the model on x: a distribution over characters at every position;
-#   2) draw a candidate character for every hidden position from it;
-#   3) reveal each candidate with probability (t - s) / t; the other positions stay hidden.
-# That is MDLM's ancestral sampler; its last step (s = 0) reveals all. Given characters are never
-# touched, so one loop samples, completes (a prompt, then masks) and fills blanks. As in training, the
-# model is told t = the fraction of its input still hidden. The rule picks what a step reveals:
-#   'ancestral'   the reverse process above, exactly (with semi_ar = 0);
-#   'confidence'  the k candidates the model is surest of (MaskGIT, LLaDA; sure: the candidate's probability
-#                 after temperature and top_p, where LLaDA takes the plain softmax), k = floor(M / N) a
-#                 step, + 1 in the first M mod N steps: M masks take exactly N steps;
-#   'random'      k candidates chosen at random: 'confidence' without its choice.
-# semi_ar = n (LLaDA's semi-autoregressive blocks): an outer loop hands the steps the first n masks of
-# each row, then the next n, each block a whole schedule of N steps; with n = N = 8, the default, one
-# character a pass. The GPT twin writes with its own loop, gpt_generate (below the marked line).
-
-@torch.no_grad()
-def generate(model, x, sampler=SamplerConfig(), generator=None, on_step=None):
-    """Fill every [MASK] of x (B, T); on_step(x) sees each step's result. Returns x."""
-    mask_id, N = model.config.vocab_size - 1, sampler.steps
-    x = x.clone()
-    while (x == mask_id).any():                     # one block: all the masks, or the next semi_ar
-        masked = x == mask_id
-        block = masked & (masked.cumsum(1) <= sampler.semi_ar) if sampler.semi_ar else masked   # (B, T)
-        M = block.sum(1)                                               # (B,) masks in the block
-        for i in range(N):                                  # step i: t = 1 - i/N -> s = 1 - (i+1)/N
-            todo = block & (x == mask_id)                              # (B, T) masks still open
-            if not todo.any():
-                break
-            logits = model(x, (x == mask_id).float().mean(1))          # told t = fraction masked
-            tokens, conf = propose(logits, sampler.temperature, sampler.top_p, generator)
-            k = M // N + (i < M % N).long()                            # (B,) to reveal ('confidence', 'random')
-            commit = unmask(sampler.rule, todo, conf, 1 - i / N, 1 - (i + 1) / N, k, generator)
-            x = torch.where(commit, tokens, x)
-            if on_step is not None:
-                on_step(x)
-    return x
-
-def unmask(rule, masked, conf, t, s, k, generator):
-    """Which masks (B, T) to commit on the step from t to s: each with probability (t - s) / t
-    ('ancestral'), or the k[b] surest ('confidence') or k[b] random ('random') of row b."""
-    if rule == 'ancestral':
-        return masked & (torch.rand(masked.shape, generator=generator, device=masked.device) < (t - s) / t)
-    score = conf if rule == 'confidence' else torch.rand(masked.shape, generator=generator, device=masked.device)
-    rank = score.masked_fill(~masked, float('-inf')).argsort(1, descending=True).argsort(1)   # 0 = best
-    return masked & (rank < k[:, None])
+# %% 12. Upgrade: temperature, nucleus, and float64 Gumbel noise -----------------------------------
+# Changes: how the sampler draws a character (section 7 draws from the plain softmax).
+# Why: temperature divides the logits (below 1: safer text; 0: always the likeliest character),
+# and the nucleus (top_p) draws only among the likeliest characters whose chances sum to top_p.
+# The draw is Gumbel-max: argmax(logits - log(-log u)), u uniform, lands on each character with its
+# softmax probability. Its noise is made in float64: in float32 the noise is coarse near its
+# extremes, and rare characters come up too seldom, which cools the samples (Zheng et al. 2024).
+# Bought: the flags --temperature and --top-p (the sampler frontier in lab/README.md measures
+# them); float64 keeps draws faithful, and was not measured against float32 here.
 
 def propose(logits, temperature=1.0, top_p=1.0, generator=None):
-    """A candidate per position, drawn from softmax(logits / temperature) within the nucleus (the fewest
-    characters whose probabilities sum to top_p), and its probability there: the confidence (temperature 0:
-    the argmax, scored at temperature 1). Gumbel-max draws it: argmax(logits - log(-log u)), u uniform, lands
-    on each token with its softmax probability; in float64, as float32 noise cools samples (Zheng et al. 2024)."""
-    logits = logits.float() if logits.device.type == 'mps' else logits.double()   # Apple's mps has no float64
+    """A candidate per position, drawn from softmax(logits / temperature) within the nucleus, and its
+    probability there: the confidence. Temperature 0: the argmax, scored at temperature 1."""
+    if logits.device.type == 'mps':      # Apple's GPU has no float64
+        logits = logits.float()
+    else:
+        logits = logits.double()
     if temperature > 0:
         logits = logits / temperature
-    if top_p < 1:    # drop a token when the tokens surer than it already sum to top_p (the top one stays)
+    if top_p < 1:    # drop a character once the surer ones already sum to top_p; the top one stays
         probs, order = logits.softmax(-1).sort(-1, descending=True)
-        drop = (probs.cumsum(-1) - probs) >= top_p                                 # (..., V) sorted
+        drop = (probs.cumsum(-1) - probs) >= top_p                        # (..., V), sorted
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float('-inf'))
     if temperature > 0:
         u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
@@ -507,127 +653,172 @@ def propose(logits, temperature=1.0, top_p=1.0, generator=None):
     conf = logits.softmax(-1).gather(-1, tokens[..., None])[..., 0]
     return tokens, conf
 
-if NOTEBOOK:   # demo: two lines of text out of pure noise, with the default sampler
-    out = generate(model, torch.full((2, config.block_size), tok.mask_id), generator=gen)
-    print('\n\n'.join(tok.decode(row.tolist()) for row in out))
+# %% 13. Upgrade: MDLM's coin per mask (--rule ancestral) ------------------------------------------
+# Changes: how many characters a step reveals. MDLM's forward process flips a coin of chance t for
+# each character, so its reverse, from t to s = t - 1/N, flips a coin for each hidden character:
+# hidden at t, it was hidden at s with chance s / t, so it is revealed with chance (t - s) / t.
+# On the step with N - i steps left that is 1 / (N - i); the last step reveals all.
+# Why: it is the textbook sampler of MDLM's paper. A step reveals a random number of characters.
+# Bought: a baseline. Judged by the GPT twin it writes 4.13 bits/char at 64 steps, the default 2.46
+# (lab/README.md, "The samplers measured"): python lab/lab.py --frontier --judge out-gpt
 
-# %% 8. Completion and infilling -------------------------------------------------------------------
-# The same loop with characters given. Completion: the prompt, then masks. Infilling: masks in
-# the blanks, text on both sides, which a GPT cannot use (it never sees the right side).
+def choose_coin(todo, n_reveal, logits, prob, steps_left, generator):
+    """Each hidden position of todo (B, T) with chance 1 / steps_left; n_reveal is not used."""
+    coin = torch.rand(todo.shape, generator=generator, device=todo.device)
+    return todo & (coin < 1 / steps_left)
 
-def generate_text(model, prefix, length, num_samples, sampler=SamplerConfig(), generator=None, on_step=None):
-    """`length` new characters after `prefix` (ids) in num_samples rows, window by window: the first window
-    holds the prompt (up to T - 1 of it), each later one the last half window of text, and masks after it."""
-    T, mask_id = model.config.block_size, model.config.vocab_size - 1
-    device = next(model.parameters()).device
-    out = torch.tensor(prefix, dtype=torch.long, device=device).repeat(num_samples, 1)   # (B, P)
-    while out.size(1) < len(prefix) + length:
-        keep = min(out.size(1), T - 1 if out.size(1) == len(prefix) else T - T // 2)   # text it must see
-        n_new = min(len(prefix) + length - out.size(1), T - keep)          # masks to write in this window
-        context = out[:, -min(out.size(1), T - n_new):]                      # and all the text that fits
+# %% 14. Upgrade: exact likelihoods, each beside its sampler ---------------------------------------
+# Changes: what --eval --exact reports beside the bound.
+# Why: section 5's writer reveals one character a step, in a random order. Fix the order instead,
+# chosen from the visible input only (never from the hidden characters), and the payments sum to
+# -log p(x) exactly: the model is then a generator whose probabilities sum to 1 over all strings,
+# as a GPT's do. Each order is a sampler one can run:
+#   left to right: --semi-ar 1 --steps 1 (blocks of one mask: a GPT inside the diffusion model);
+#   surest first: --rule surest --semi-ar 0 --steps L, which reveals the hidden position whose
+#     top probability is highest and draws its character from the model;
+#   the bound: --rule random --semi-ar 0 --steps L, the random order that section 5 averages over.
+# The default sampler reveals several characters a pass within blocks: it has no exact likelihood.
+# Bought: left to right 1.859 and surest first 1.865 against the bound's 1.893 on the same
+# windows (README.md): python mdlm.py --eval --exact
 
-        x = torch.cat([context, torch.full((num_samples, n_new), mask_id, device=device)], 1)
-        out = torch.cat([out, generate(model, x, sampler, generator, on_step)[:, -n_new:]], 1)
-    return out
-
-def blank_window(p, q, n, T):
-    """Start of the T-wide window around the blank [p, q) of a text of n: centred, inside, <= p."""
-    return max(0, min((p + q - T) // 2, n - T, p))
-
-def infill(model, ids, num_samples, sampler=SamplerConfig(), generator=None, on_step=None):
-    """Fill the [MASK]s of ids (a list) in num_samples rows: (B, L). Blank by blank, each in the
-    context-wide window around it (its left and right context, and any other masks in it)."""
-    T, mask_id = model.config.block_size, model.config.vocab_size - 1
-    x = torch.tensor(ids, device=next(model.parameters()).device).repeat(num_samples, 1)   # (B, L)
-    while (x == mask_id).any():
-        masked = (x[0] == mask_id).long()                            # the rows are copies: row 0's blanks
-        p = masked.argmax().item()                                   # the first mask left ...
-        rest = masked[p:]
-        q = p + (rest.argmin().item() if (rest == 0).any() else len(rest))   # ... and the end of its blank
-        start = blank_window(p, q, len(ids), T)
-        x[:, start:start + T] = generate(model, x[:, start:start + T], sampler, generator, on_step)
-    return x
-
-if NOTEBOOK:   # demo: continue a prompt; fill a blank from both sides
-    print(tok.decode(generate_text(model, tok.encode('ROMEO:\n'), 96, 1, generator=gen)[0].tolist()))
-    ids = tok.encode('To be, or not to be, that is the ') + [tok.mask_id] * 8 + tok.encode('.')
-    print('\n'.join(tok.decode(row.tolist()) for row in infill(model, ids, 2, generator=gen)))
-
-# %% 9. Evaluation ---------------------------------------------------------------------------------
-# An honest likelihood: held-out text, the same windows and masks every time, low variance. The
-# estimator is training's (section 5) with uniform k, spread evenly over 1..L across the batch, weighed
-# by 1/k (LLaDA's likelihood estimator); the GPT twin's score is its exact NLL. For the default tiny
-# model, `python mdlm.py --eval` printed
-#   val nelbo: 1.8629 nats/char (2.6875 bits/char) +- 0.0096 (standard error, 100 batches of 32 windows
-#   of 64); perplexity <= 6.442 (an upper bound: the NELBO bounds -log p)
-
-@torch.no_grad()
-def nelbo_per_seq(model, x0, generator):
-    """The NELBO's estimate per window (B,), nats per character: exactly k_b = t_b L of its L positions masked."""
-    t, _ = draw_t(*x0.shape, generator, x0.device)
-    xt, mask = forward_mask(x0, t, model.config.vocab_size - 1, generator)
-    return masked_ce(model(xt, t), x0, mask).sum(1) / mask.sum(1)
-
-@torch.no_grad()
-def nll_per_seq(model, x0):
-    """GPT twin: its exact negative log-likelihood per window (B,), nats per character."""
-    logits = model(gpt_input(x0, model.config.vocab_size - 1), None)
-    return F.cross_entropy(logits.transpose(1, 2), x0, reduction='none').mean(1)
-
-# An exact likelihood too: section 5's writer with one order, chosen from the visible input only
-# (never the hidden characters), so its probabilities sum to 1 over all strings, as a GPT's do. Left to
-# right it is a GPT inside the diffusion model; 'surest' reveals where the model is surest first. The
-# NELBO averages random orders: a good order can score below it.
-
-def surest(logp, masked):   # (B,): the masked position whose prediction has the highest top probability
+def surest(logp, masked):
+    """(B,): the masked position whose prediction has the highest top probability."""
     return logp.amax(-1).masked_fill(~masked, float('-inf')).argmax(1)
+
+def choose_surest(todo, n_reveal, logits, prob, steps_left, generator):
+    """The n_reveal[b] hidden positions of row b whose predictions have the highest top probability."""
+    top = logits.log_softmax(-1).amax(-1)                                      # (B, T)
+    rank = top.masked_fill(~todo, float('-inf')).argsort(1, descending=True).argsort(1)
+    return todo & (rank < n_reveal[:, None])
 
 @torch.no_grad()
 def exact_nll(model, x0, order=None):
-    """-log p(x0) / L per window (B,), each pass revealing where order(log-probs, masks) says (None: leftmost)."""
+    """-log p(x0) / L for each window (B,): each pass reveals where order(log-probs, masks) says
+    (None: the leftmost mask), and pays -log p of the true character there."""
     (B, L), mask_id = x0.shape, model.config.vocab_size - 1
     x, rows, nll = torch.full_like(x0, mask_id), torch.arange(B, device=x0.device), 0
     for k in range(L, 0, -1):                                      # k masks left: told t = k / L
-        logp = model(x, torch.full((B,), k / L, device=x0.device)).log_softmax(-1)    # (B, L, V)
-        i = order(logp, x == mask_id) if order else (x == mask_id).float().argmax(1)   # (B,)
+        logp = model(x, torch.full((B,), k / L, device=x0.device)).log_softmax(-1)   # (B, L, V)
+        if order is None:
+            i = (x == mask_id).float().argmax(1)                   # (B,) the leftmost mask
+        else:
+            i = order(logp, x == mask_id)
         nll = nll - logp[rows, i, x0[rows, i]]
         x[rows, i] = x0[rows, i]
     return nll / L
 
-@torch.no_grad()
-def estimate_loss(model, data, n_batches, batch_size, seed=EVAL_SEED, per_seq=None):
-    """Nats/char and standard error over n_batches seeded batches: the NELBO bound, a GPT's exact
-    NLL, or per_seq(model, x0). Windows and masks have generators of their own: every call, any
-    kind, scores the same ones. A batch shares one stratified draw: the error is between batches."""
-    was_training = model.training
-    model.eval()
-    windows = torch.Generator(device=data.device).manual_seed(seed)
-    noise = torch.Generator(device=data.device).manual_seed(seed + 1)
-    means = []
-    for _ in range(n_batches):
-        x0 = get_batch(data, batch_size, model.config.block_size, windows)
-        scores = per_seq(model, x0) if per_seq else nll_per_seq(model, x0) if model.config.causal \
-            else nelbo_per_seq(model, x0, noise)
-        means.append(scores.float().mean())
-    model.train(was_training)
-    m = torch.stack(means)
-    return m.mean().item(), (m.std() / math.sqrt(len(m))).item() if len(m) > 1 else float('nan')
+# %% 15. Upgrade: the confidence rule in semi-autoregressive blocks: the default sampler ----------
+# Changes: which characters a step reveals, and in what order of blocks.
+# Why: drawing many characters from one pass treats them as independent (section 7), and a small
+# model's independent draws read as letter soup. Two fixes, each an argument of the same loop:
+#   confidence (MaskGIT, LLaDA): reveal the candidates the model is surest of, by the probability
+#     of the drawn character after temperature and top_p (LLaDA ranks by the plain softmax);
+#   semi_ar = n (LLaDA's semi-autoregressive blocks): hand the loop only the first n masks of each
+#     row, then the next n, each block a whole run of `steps` passes.
+# With the default n = steps = 8, each pass reveals one character, inside a block of 8 that moves
+# left to right. A trace on the tiny model: positions revealed, pass by pass, in the first blocks
+#   block 1: TRACE1
+#   block 2: TRACE2
+# Bought: judged by the GPT twin, 2.46 bits/char at unigram entropy 4.05, against 3.88 for the random
+# rule and 4.13 for the coin at 64 steps, one model call per character (lab/README.md, "The samplers
+# measured", commit 410a455): python lab/lab.py --frontier --judge out-gpt --num-samples 16 --length 128
 
-if NOTEBOOK:   # demo: the trained model's bound on held-out text
-    nelbo, se = estimate_loss(model, val_data, 10, 32)
-    print(f'val NELBO {nelbo:.3f} +- {se:.3f} nats/char: perplexity <= {math.exp(nelbo):.2f}')
-    print(f'exact, left to right: {estimate_loss(model, val_data, 2, 32, per_seq=exact_nll)[0]:.3f} nats/char')
+def choose_confident(todo, n_reveal, logits, prob, steps_left, generator):
+    """The n_reveal[b] hidden positions of row b whose drawn characters are the most probable."""
+    rank = prob.masked_fill(~todo, float('-inf')).argsort(1, descending=True).argsort(1)   # 0: surest
+    return todo & (rank < n_reveal[:, None])
+
+RULES = {'random': choose_random, 'ancestral': choose_coin, 'surest': choose_surest,
+         'confidence': choose_confident}
+
+@dataclass
+class SamplerConfig:             # how the command line writes text
+    rule: str = 'confidence'     # one of RULES: which hidden characters a step reveals
+    steps: int = 8               # model passes to fill one block
+    semi_ar: int = 8             # blocks of this many hidden characters, left to right (0: one block)
+    temperature: float = 1.0     # 0: always the likeliest character (section 12)
+    top_p: float = 1.0           # draw only among the likeliest characters, whose chances sum to top_p
+
+INFILL_TEMPERATURE = 0.0   # one fill of a blank is the model's best guess; several fills are drawn at 1
+
+@torch.no_grad()
+def generate(model, x, sampler=SamplerConfig(), generator=None, on_step=None):
+    """Fill every [MASK] of x (B, T) with section 7's loop, block by block. Returns x."""
+    if sampler.steps < 1 or sampler.semi_ar < 0:
+        raise ValueError(f'a sampler needs steps >= 1 and semi_ar >= 0, got {sampler.steps} and {sampler.semi_ar}')
+    mask_id = model.config.vocab_size - 1
+    draw = lambda logits, g: propose(logits, sampler.temperature, sampler.top_p, g)
+    while (x == mask_id).any():
+        masked = x == mask_id
+        block = masked                                                # semi_ar = 0: all the masks
+        if sampler.semi_ar:
+            block = masked & (masked.cumsum(1) <= sampler.semi_ar)     # the first semi_ar masks
+        x = denoise(model, x, sampler.steps, generator, block, RULES[sampler.rule], draw, on_step)
+    return x
+
+# %% 16. The GPT twin: the yardstick ---------------------------------------------------------------
+# The same network with causal=True and no time input is a GPT: it predicts the next character.
+# Trained on the same steps, batch and context, and scored on the same windows, it tells what the
+# freedom to write in any order costs. Its diff from the model of section 4:
+#   the attention fills the upper triangle of its scores with -inf (`attention` below writes out
+#   what the fused call computes), so position i sees only positions <= i;
+#   no time input; its input is the window shifted right by one, behind a start token.
+# Bought: the README's results table (python mdlm.py --train --gpt; --eval --out-dir out-gpt).
+
+def attention(query, key, value, causal, dropout=0.0):
+    """softmax(query key^T / sqrt(hs)) value, (B, n_head, T, hs), written out: the fused call's values."""
+    T = query.size(-2)
+    scores = (query @ key.transpose(-2, -1)) / math.sqrt(query.size(-1))   # (B, n_head, T, T)
+    if causal:                                                             # no looking right
+        above = torch.ones(T, T, dtype=torch.bool, device=query.device).triu(1)
+        scores = scores.masked_fill(above, float('-inf'))
+    return F.dropout(scores.softmax(dim=-1), dropout) @ value
+
+def gpt_input(x0, start_id):
+    """[start] + x0[:-1], with [MASK] as the start token. The GPT then predicts the same L characters
+    as the diffusion model scores, and its mean cross-entropy is their exact NLL per character."""
+    return torch.cat([torch.full_like(x0[:, :1], start_id), x0[:, :-1]], 1)
+
+def gpt_batch(data, batch_size, block_size, start_id, generator):
+    """(x0, its input): the GPT's training batch."""
+    x0 = get_batch(data, batch_size, block_size, generator)
+    return x0, gpt_input(x0, start_id)
+
+def gpt_loss(model, x0, x):
+    """The mean next-character cross-entropy: exactly -log p(x0) / L."""
+    return F.cross_entropy(model(x, None).transpose(1, 2), x0)
+
+@torch.no_grad()
+def nll_per_seq(model, x0):
+    """The GPT's exact negative log-likelihood for each window (B,), nats per character."""
+    logits = model(gpt_input(x0, model.config.vocab_size - 1), None)
+    return F.cross_entropy(logits.transpose(1, 2), x0, reduction='none').mean(1)
+
+@torch.no_grad()
+def gpt_generate(model, prefix, length, num_samples, temperature=1.0, top_p=1.0, generator=None):
+    """The GPT's loop: `length` characters after `prefix` (ids), one pass each, in a sliding window
+    of the start token and the last block_size - 1 characters, as in training."""
+    T, start, device = model.config.block_size, model.config.vocab_size - 1, next(model.parameters()).device
+    out = torch.tensor(prefix, dtype=torch.long, device=device).repeat(num_samples, 1)   # (B, P)
+    for _ in range(length):
+        x = torch.cat([torch.full((num_samples, 1), start, device=device), out[:, -(T - 1):]], 1)
+        tokens, _ = propose(model(x, None)[:, -1], temperature, top_p, generator)   # (B,) the next char
+        out = torch.cat([out, tokens[:, None]], 1)
+    return out
 
 # %% ========================== THE LESSON IS COMPLETE ==========================================
-# Everything above is a whole, working MDLM. Below is the harness a reader may skip, with its own imports:
-# the data file, device and precision, checkpoints, resume, DDP, the logged training run, the command line.
+# Parts 1 and 2 are the lesson. Below is the harness a reader may skip, with its own imports: the data
+# file, device and precision, checkpoints, resume, DDP, the logged training run, the command line.
 # ================================================================================================
 import argparse
 import itertools
+import re
 import signal
 import time
 import types
 from dataclasses import asdict, fields
+
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 EVAL_BATCHES = 100      # --eval averages this many batches; the training log, the first eval_iters of them
 EXACT_BATCHES = 20      # --eval --exact: the first 20 of them (block_size passes a window for each order)
@@ -671,12 +862,19 @@ def cpu_has_bf16():
         return bool(re.search(r'\b(avx512_bf16|amx_bf16)\b', f.read()))
     return False
 
+@contextlib.contextmanager
+def bf16_autocast(kind):
+    """bf16 autocast; on a CPU also PyTorch's math attention kernel (the formula: 0.70x the fused kernel's time there)."""
+    with torch.autocast(device_type=kind, dtype=torch.bfloat16):
+        with sdpa_kernel(SDPBackend.MATH) if kind == 'cpu' else contextlib.nullcontext():
+            yield
+
 def autocast_for(device, dtype='auto'):
     """bf16 autocast where the hardware computes bf16 natively (--dtype auto), else float32: a null context."""
     kind = device.split(':')[0]
     native = torch.cuda.is_bf16_supported() if kind == 'cuda' else kind == 'cpu' and cpu_has_bf16()
     if dtype == 'bfloat16' or dtype == 'auto' and native:
-        return lambda: torch.autocast(device_type=kind, dtype=torch.bfloat16)
+        return lambda: bf16_autocast(kind)
     return contextlib.nullcontext
 
 # %% Harness: checkpoints, resume, DDP -------------------------------------------------------------
@@ -846,8 +1044,9 @@ def save_run(run, args, path=None):
 
 def evaluate_and_save(run, args, fresh):
     """Score, log to log.csv, save; a new best val to <out-dir>/best/ too: a run that overfits keeps its best."""
-    train_loss, _ = estimate_loss(run.model, run.train_data, args.eval_iters, args.batch_size)
-    val_loss, val_se = estimate_loss(run.model, run.val_data, args.eval_iters, args.batch_size)
+    per_seq = nll_per_seq if run.config.causal else None
+    train_loss, _ = estimate_loss(run.model, run.train_data, args.eval_iters, args.batch_size, per_seq=per_seq)
+    val_loss, val_se = estimate_loss(run.model, run.val_data, args.eval_iters, args.batch_size, per_seq=per_seq)
     improved, run.best_val = val_loss < run.best_val, min(run.best_val, val_loss)
     name, seconds = 'nll' if run.config.causal else 'nelbo', time.time() - run.started
     run.log(f'step {run.it} | train {name} {train_loss:.4f} | val {name} {val_loss:.4f} +- {val_se:.4f} '
@@ -870,6 +1069,10 @@ def train(args):
                     for s in (signal.SIGINT, signal.SIGTERM)}
     B, T, rank, world, causal = args.batch_size, run.config.block_size, run.rank, run.world, run.config.causal
     start_it, loss, log_every = run.it, None, max(1, args.eval_interval // 5)
+    if causal:
+        loss_fn = gpt_loss
+    else:
+        loss_fn = lambda model, *batch: batch_loss(model, *batch, objective=args.loss)
     tic, tic_it = time.time(), run.it       # step timing restarts after each eval: ms/step is training alone
     try:
         while True:
@@ -887,10 +1090,14 @@ def train(args):
                         f'--resume' + (f' --out-dir {args.out_dir}' if args.out_dir != 'out' else ''))   # --data: kept
                 raise SystemExit(130)
             # 2) one step: world * B rows with t stratified over all of them, this rank's B of them
-            batch = training_batch(run.train_data, world * B, T, run.tok.mask_id, run.gen, causal, args.t_proposal)
-            batch = tuple(a if a is None else a[rank * B:(rank + 1) * B] for a in batch)
+            if causal:
+                batch = gpt_batch(run.train_data, world * B, T, run.tok.mask_id, run.gen)
+            else:
+                batch = training_batch(run.train_data, world * B, T, run.tok.mask_id, run.gen,
+                                       PROPOSALS[args.t_proposal])
+            batch = tuple(a[rank * B:(rank + 1) * B] for a in batch)
             lr = get_lr(run.it, args.lr, args.min_lr, args.warmup_iters, args.max_iters, args.decay_frac)
-            loss = train_step(run.step_model, run.optimizers, batch, lr, args.loss, run.autocast)
+            loss = train_step(run.step_model, run.optimizers, batch, lr, loss_fn, run.autocast)
             run.it += 1
             if run.it % log_every == 0 or run.it == args.max_iters:   # the only host sync in the loop
                 check_finite(loss, run.it, run.ckpt_path)
@@ -916,18 +1123,6 @@ def parse_infill(text, tok):
         raise CliError('the text has no blank to fill: mark one with [___], as wide as the characters it holds')
     return ids
 
-@torch.no_grad()
-def gpt_generate(model, prefix, length, num_samples, temperature=1.0, top_p=1.0, generator=None):
-    """The GPT twin's loop: `length` characters after `prefix` (ids), one pass each, in a sliding window
-    of the start token and the last block_size - 1 characters, as in training."""
-    T, start, device = model.config.block_size, model.config.vocab_size - 1, next(model.parameters()).device
-    out = torch.tensor(prefix, dtype=torch.long, device=device).repeat(num_samples, 1)   # (B, P)
-    for _ in range(length):
-        x = torch.cat([torch.full((num_samples, 1), start, device=device), out[:, -(T - 1):]], 1)
-        tokens, _ = propose(model(x, None)[:, -1], temperature, top_p, generator)   # (B,) the next char
-        out = torch.cat([out, tokens[:, None]], 1)
-    return out
-
 def sampler_from_args(args, infill=False):
     """SamplerConfig with the flags given; one fill of a blank takes INFILL_TEMPERATURE (the best guess)."""
     chosen = {f.name: getattr(args, f.name) for f in fields(SamplerConfig) if getattr(args, f.name) is not None}
@@ -949,14 +1144,15 @@ def run_generation(args):
     if args.complete is not None and not args.complete:
         raise CliError('the prompt is empty: give some text to continue, or use --sample')
     ids = parse_infill(args.infill, tok) if args.infill is not None else tok.encode(args.complete or '')
+    sample = lambda x: generate(model, x, sampler, g, on_step if args.show else None)
     if args.infill is not None:
-        out = infill(model, ids, args.num_samples, sampler, g, on_step if args.show else None)
+        out = infill(model, ids, args.num_samples, sample)
     elif model.config.causal:          # a GPT slides over any prompt
         out = gpt_generate(model, ids, args.length or T, args.num_samples, sampler.temperature, sampler.top_p, g)
     elif len(ids) >= T:
         raise CliError(f'the prompt is {len(ids)} characters; to leave room in a context of {T}, use at most {T - 1}')
     else:
-        out = generate_text(model, ids, args.length or T, args.num_samples, sampler, g, on_step if args.show else None)
+        out = generate_text(model, ids, args.length or T, args.num_samples, sample)
     sys.stdout.write(('\n' + '=' * 40 + '\n').join(tok.decode(row.tolist()) for row in out) + '\n')
     return 0
 
@@ -967,19 +1163,23 @@ def run_eval(args):
     fraction = ckpt['args']['train_fraction']     # the train figure: the text it trained on
     train_data, val_data = splits(load_text(args.data), tok, model.config.block_size, fraction, device)
     n, B = args.eval_iters or EVAL_BATCHES, args.batch_size or ckpt['args']['batch_size']   # as in training
+    per_seq = nll_per_seq if causal else None
     for name, data in (('val', val_data), (f'train{f" (its first {fraction:g})" if fraction < 1 else ""}', train_data)):
-        mean, se = estimate_loss(model, data, n, B)
+        mean, se = estimate_loss(model, data, n, B, per_seq=per_seq)
         what = ('nll', f'perplexity {math.exp(mean):.3f} (exact: a GPT\'s likelihood)') if causal \
             else ('nelbo', f'perplexity <= {math.exp(mean):.3f} (an upper bound: the NELBO bounds -log p)')
         print(f'{name} {what[0]}: {mean:.4f} nats/char ({mean / math.log(2):.4f} bits/char) +- {se:.4f} (standard '
               f'error, {n} batches of {B} windows of {model.config.block_size}); {what[1]}')
     if args.exact and not causal:    # L passes a window: on the first EXACT_BATCHES batches, the bound beside it
-        m = min(n, EXACT_BATCHES)
-        print(f'val, the first {m} of those batches ({m * B} windows): the bound and two exact likelihoods')
-        for name, per_seq in (('nelbo (bound)', None), ('exact, left to right', exact_nll),
-                              ('exact, surest first', lambda model, x0: exact_nll(model, x0, surest))):
+        m, L = min(n, EXACT_BATCHES), model.config.block_size
+        print(f'val, the first {m} of those batches ({m * B} windows): the bound and two exact likelihoods, '
+              f'each of the sampler named after it')
+        for name, per_seq, sampler in (
+                ('nelbo (bound)', None, f'--rule random --semi-ar 0 --steps {L}'),
+                ('exact, left to right', exact_nll, '--rule random --semi-ar 1 --steps 1'),
+                ('exact, surest first', lambda model, x0: exact_nll(model, x0, surest), f'--rule surest --semi-ar 0 --steps {L}')):
             mean, se = estimate_loss(model, val_data, m, B, per_seq=per_seq)
-            print(f'  {name:<22} {mean:.4f} +- {se:.4f} nats/char ({mean / math.log(2):.4f} bits/char)')
+            print(f'  {name:<22} {mean:.4f} +- {se:.4f} nats/char ({mean / math.log(2):.4f} bits/char)  {sampler}')
     return 0
 
 # %% Harness: the command line ---------------------------------------------------------------------
@@ -1018,7 +1218,7 @@ def build_parser():
     p.add_argument('--lr', type=checked(float, lambda v: v > 0, 'above 0'))
     p.add_argument('--train-fraction', type=UNIT, metavar='F', help='train on the first F of the training split')
     p.add_argument('--resume', action='store_true', help='continue from <out-dir>/ckpt.pt')
-    p.add_argument('--rule', choices=['confidence', 'ancestral', 'random'], help=f'what a step commits ({S.rule})')
+    p.add_argument('--rule', choices=list(RULES), help=f'which masks a step reveals ({S.rule})')
     p.add_argument('--steps', type=POSITIVE, help=f'denoising steps per block ({S.steps})')
     p.add_argument('--semi-ar', type=NONNEG, metavar='N', help=f'blocks of N masks, left to right ({S.semi_ar}; 0 off)')
     p.add_argument('--temperature', type=checked(float, lambda v: v >= 0, 'at least 0'), help='0: argmax')

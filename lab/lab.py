@@ -125,7 +125,7 @@ def run_samples(args):
     B, L, s = args.num_samples, args.length or model.config.block_size, mdlm.sampler_from_args(args)
     g = torch.Generator(device=device).manual_seed(args.seed)
     out = mdlm.gpt_generate(model, [], L, B, s.temperature, s.top_p, g) if model.config.causal \
-        else mdlm.generate_text(model, [], L, B, s, g)
+        else mdlm.generate_text(model, [], L, B, lambda x: mdlm.generate(model, x, s, g))
     sys.stdout.write(('\n' + '=' * 40 + '\n').join(tok.decode(row.tolist()) for row in out) + '\n')
     (b, e), (rb, re_) = judge_figures(judge, out), judge_figures(judge, real_val_text(args, tok, out))
     print(f'judge {args.judge}: samples {b:.3f} bits/char, unigram entropy {e:.2f} bits | real val text '
@@ -147,7 +147,8 @@ def run_frontier(args):
     for name, fields in FRONTIER:
         calls[0] = 0
         s = mdlm.SamplerConfig(**fields)
-        out = mdlm.generate_text(model, [], L, B, s, torch.Generator(device=device).manual_seed(args.seed))
+        g = torch.Generator(device=device).manual_seed(args.seed)
+        out = mdlm.generate_text(model, [], L, B, lambda x: mdlm.generate(model, x, s, g))
         rows.append((name + (' (default)' if s == mdlm.SamplerConfig() else ''), *judge_figures(judge, out),
                      calls[0] / (B * L)))
     out = mdlm.gpt_generate(judge, [], L, B, generator=torch.Generator(device=device).manual_seed(args.seed))
@@ -214,7 +215,7 @@ def infill_accuracy(model, tok, train_text, val_text, sampler, generator, length
                 nll = torch.cat([mdlm.nll_per_seq(model, chunk) for chunk in lines.split(256)])
                 guess = candidates[nll.argmin().item()]
             else:
-                out = mdlm.infill(model, ids, 1, sampler, generator)
+                out = mdlm.infill(model, ids, 1, lambda x: mdlm.generate(model, x, sampler, generator))
                 guess = tok.decode(out[0, start:start + length].tolist())
             exact += guess == word
             right += sum(a == b for a, b in zip(guess, word))
@@ -243,16 +244,14 @@ def run_eval_windows(args):
         raise mdlm.CliError(f'--eval-windows {args.eval_windows} is longer than the context, {model.config.block_size}')
     _, val_data = mdlm.split_data(mdlm.load_text(args.data), tok, args.eval_windows)
     model.config.block_size = args.eval_windows          # estimate_loss draws windows of block_size
-    mean, se = mdlm.estimate_loss(model, val_data.to(device), mdlm.EVAL_BATCHES, ckpt['args']['batch_size'])
+    per_seq = mdlm.nll_per_seq if model.config.causal else None
+    mean, se = mdlm.estimate_loss(model, val_data.to(device), mdlm.EVAL_BATCHES, ckpt['args']['batch_size'], per_seq=per_seq)
     print(f'val {"nll" if model.config.causal else "nelbo"} on windows of {args.eval_windows}: {mean:.4f} +- {se:.4f} '
           f'nats/char ({mdlm.EVAL_BATCHES} batches of {ckpt["args"]["batch_size"]})')
     return 0
 
 
 # --- speed --------------------------------------------------------------------------------------------
-
-def fused_attention(q, k, v, causal, dropout=0.0):
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal)
 
 def median_times(variants, n, sync):
     """Each variant's median over n calls, the variants taking turns call by call, as a run's steps
@@ -296,23 +295,25 @@ def run_bench(args):
     print(f'bench: device {device} | preset {args.preset} | {models["diffusion"][0].num_params() / 1e6:.2f}M parameters | '
           f'batch {B} x block {T} | {"bfloat16 autocast" if bf16 else "float32"} | threads {torch.get_num_threads()} | '
           f'medians of {args.iters} steps')
-    lesson_attention = mdlm.attention
-    def step(kind, attention):
-        mdlm.attention = attention
+    # mdlm's bf16 autocast on a CPU also picks PyTorch's math attention kernel; plain autocast lets it fuse
+    fused = (lambda: torch.autocast(device_type=device.split(':')[0], dtype=torch.bfloat16)) if bf16 else autocast
+    def step(kind, autocast):
         model, opts = models[kind]
-        batch = mdlm.training_batch(data, B, T, tok.mask_id, g, kind == 'gpt', mdlm.RECIPE['t_proposal'])
-        mdlm.train_step(model, opts, batch, p['lr'], autocast=autocast)
-        mdlm.attention = lesson_attention
-    variants = {'diffusion, as mdlm trains': lambda: step('diffusion', lesson_attention),
-                'diffusion, fused sdpa always': lambda: step('diffusion', fused_attention),
-                'the GPT twin, as mdlm trains': lambda: step('gpt', lesson_attention)}
+        if kind == 'gpt':
+            mdlm.train_step(model, opts, mdlm.gpt_batch(data, B, T, tok.mask_id, g), p['lr'], mdlm.gpt_loss, autocast)
+        else:
+            batch = mdlm.training_batch(data, B, T, tok.mask_id, g, mdlm.PROPOSALS[mdlm.RECIPE['t_proposal']])
+            mdlm.train_step(model, opts, batch, p['lr'], autocast=autocast)
+    variants = {'diffusion, as mdlm trains': lambda: step('diffusion', autocast),
+                'diffusion, fused sdpa always': lambda: step('diffusion', fused),
+                'the GPT twin, as mdlm trains': lambda: step('gpt', autocast)}
     median = median_times(variants, args.iters, sync)
     for name, dt in median.items():
         print(f'train ({name}): {dt * 1000:.1f} ms/step, {B * T / dt:,.0f} tok/s')
     mine, fused, gpt = median.values()
     print(f'as mdlm trains / fused always: {mine / fused:.2f}x the time; diffusion step / GPT step: {mine / gpt:.2f}x')
     model, opts = models['diffusion']             # the optimizer's step alone, on the gradients of one batch
-    mdlm.batch_loss(model, *mdlm.training_batch(data, B, T, tok.mask_id, g, False)).backward()
+    mdlm.batch_loss(model, *mdlm.training_batch(data, B, T, tok.mask_id, g)).backward()
     opt_step = median_times({'opt': lambda: [opt.step() for opt in opts]}, args.iters, sync)['opt']
     ns = f', Newton-Schulz in {"bfloat16" if bf16 else "float32"}' if args.optimizer == 'muon' else ''
     print(f'optimizer step ({args.optimizer}{ns}): {opt_step * 1000:.1f} ms')
@@ -325,7 +326,7 @@ def run_bench(args):
             calls[0] = 0
             sync()
             tic = time.time()
-            mdlm.generate_text(model, [], L, N, s, g)
+            mdlm.generate_text(model, [], L, N, lambda x: mdlm.generate(model, x, s, g))
             sync()
             dt = time.time() - tic
             what = 'the default sampler' if s == mdlm.SamplerConfig() else f'{rule}, {s.steps} steps, no blocks'
@@ -440,9 +441,9 @@ def run_frames(args):
     model, tok, _, device = load(args)
     s = mdlm.sampler_from_args(args)
     frames = []
-    mdlm.generate_text(model, [], args.length or model.config.block_size, 1, s,
-                       torch.Generator(device=device).manual_seed(args.seed),
-                       lambda x: frames.append(f'step {len(frames) + 1:4d} | {tok.decode(x[0].tolist())}'.replace('\n', '\u21b5')))
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    on_step = lambda x: frames.append(f'step {len(frames) + 1:4d} | {tok.decode(x[0].tolist())}'.replace('\n', '\u21b5'))
+    mdlm.generate_text(model, [], args.length or model.config.block_size, 1, lambda x: mdlm.generate(model, x, s, g, on_step))
     picks = sorted({round(i * (len(frames) - 1) / 8) for i in range(9)})
     how = f'rule {s.rule}, {s.steps} steps' + (f' per block of {s.semi_ar}' if s.semi_ar else '')
     text_picture([frames[i] for i in picks], args.png, f'text out of noise: {how} ({len(frames)} frames)')
