@@ -46,9 +46,10 @@ PRESETS = {
     'tiny': dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, use_time=True,
                  batch_size=32, max_iters=5000, lr=3e-3, eval_interval=500, eval_iters=20),
 }
-# The training recipe that both presets share. The learning rate warms up, holds, then decays over the
-# last half of the steps (section 6). The optimizer is Muon (section 11). The number of hidden
-# characters is drawn by the cosine proposal (section 10). The loss is the NELBO (section 5).
+# The recipe that the command line trains both presets with; the core's demo (section 6) trains
+# more simply. The learning rate warms up, holds, then decays over the last half of the steps
+# (section 6). The optimizer is Muon (section 11). The number of hidden characters is drawn by the
+# cosine proposal (section 10). The loss is the NELBO (section 5).
 RECIPE = dict(min_lr=1e-4, warmup_iters=100, decay_frac=0.5, weight_decay=0.1, optimizer='muon',
               t_proposal='cosine', loss='nelbo')
 
@@ -114,9 +115,8 @@ if NOTEBOOK:   # demo: the text (input.txt, beside this file), its vocabulary, t
 # Each character is hidden with probability k / L, which is t when tL is a whole number.
 # So alpha_t = 1 - t, the chance that a character is still clean, falls linearly in t.
 # Masks absorb: with the same random numbers, a larger t hides more characters, never fewer.
-# (MDLM instead flips a coin with chance t for each character. Given how many coins came up, that
-# process is this one, and section 5 shows that only the count matters.)
 # The model's whole task is to undo this: to say what stood under each mask.
+# (MDLM flips a coin of chance t for each character instead; section 5 shows why only the count matters.)
 
 def forward_mask(x0, t, mask_id, generator=None):
     """x0: (B, T) clean ids; t: (B,) noise levels. Returns xt (B, T) and mask (B, T).
@@ -138,19 +138,20 @@ if NOTEBOOK:   # demo: one line of the play, destroyed a little more at each t
     print(show_noise('First Citizen: Before we proceed any further, hear me speak.', tok))
 
 # %% 4. The model ----------------------------------------------------------------------------------
-# A transformer reads xt and predicts x0 at every position. It is a GPT, block for block, with
-# three changes:
+# A transformer reads xt and predicts x0 at every position. Shapes: C = n_embd channels, split into
+# n_head heads of hs = C / n_head channels each. It is a GPT, block for block, with three changes:
 #   1) No causal mask: every position attends to every other, in both directions.
 #   2) It may be told the noise level t (use_time), through adaLN, explained below.
 #   3) It never predicts [MASK], because clean text never holds one: that logit is set to -inf.
-#      MDLM calls this SUBS. SUBS has a second rule, that a character the input shows is kept as it
-#      is; the loss and the sampler below follow it.
+#      MDLM calls this the substitution parameterisation, SUBS. Its second rule is that a character
+#      the input shows is kept as it is: the loss scores hidden positions only, and the sampler
+#      writes only where a mask is.
 # Two details that a GPT may also have. Positions are rotary (RoPE, as in LLaMA and MDLM): each
-# query and key is turned by an angle proportional to its position, so a score depends on how far
-# apart two characters are. And QK-norm: each head scales its queries to a root mean square (RMS)
-# of 2 and its keys to 1, so no score exceeds 2 sqrt(hs), however large the weights grow.
-# ViT-22B and OLMo 2 learn these gains; here they are fixed, and 2 for the queries measured best.
-# Shapes: C = n_embd channels, n_head heads of hs = C / n_head channels each.
+# pair of channels of a query or key is turned by an angle proportional to its position, at its
+# own frequency, so a score depends on the two positions only through their offset. And QK-norm:
+# each head scales its queries to a root mean square (RMS) of 2 and its keys to 1, so no score
+# q.k / sqrt(hs) exceeds 2 sqrt(hs), however large the weights grow. ViT-22B and OLMo 2 learn such
+# gains; here they are fixed, and 2 for the queries measured best (lab/README.md).
 
 def apply_rope(x, cos, sin):
     """Rotate each pair of channels (j, j + hs/2) of x (B, n_head, T, hs) by its position's angle."""
@@ -181,7 +182,9 @@ class SelfAttention(nn.Module):
 # The layer that makes them starts at zero, as in DiT's adaLN-Zero, so at step 0 t changes nothing.
 # Unlike DiT, there are no gates on the residual branches, and the LayerNorms keep their own gains.
 # Is t needed at all? The input holds round(tL) masks, so the model could count them
-# (RADD, Ou et al. 2024, proves that the best model needs no t).
+# (RADD, Ou et al. 2024, proves that the best model needs no t). Measured here, telling t was
+# neither better nor worse (lab/README.md); the default keeps the adaLN transformer MDLM describes.
+# cond, below, is t's embedding: the input of every block's adaLN.
 
 TIME_DIM = 128   # width of the time embedding that feeds every block's adaLN
 
@@ -230,7 +233,7 @@ class MDLM(nn.Module):
         self.register_buffer('rope_cos', angles.cos(), persistent=False)
         self.register_buffer('rope_sin', angles.sin(), persistent=False)
         # Init as GPT-2: N(0, 0.02), the residual projections scaled down by depth; adaLN at zero.
-        residual = ('proj.weight', 'mlp.2.weight')
+        residual = ('.attn.proj.weight', '.mlp.2.weight')          # not time_mlp.2.weight
         for name, p in self.named_parameters():
             if p.dim() == 2:
                 std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith(residual) else 0.02
@@ -254,7 +257,7 @@ class MDLM(nn.Module):
         for block in self.blocks:
             x = block(x, cond, rope)
         logits = self.head(self.ln_f(x)).float()                            # (B, T, V)
-        # SUBS: [MASK] is never an answer, so an untrained model's loss is log 65, not log 66
+        # SUBS: [MASK] is never an answer, so an untrained model's loss is about log 65, not log 66
         mask_id = torch.tensor([self.config.vocab_size - 1], device=xt.device)
         return logits.index_fill(-1, mask_id, float('-inf'))
 
@@ -282,21 +285,23 @@ if NOTEBOOK:   # demo: the tiny preset's model, untrained
 # is revealed next once. So every set of k hidden positions comes up equally often, and so does
 # every member of it. On average, the step with k hidden costs
 #     (1/k) * sum over the k hidden positions i of -log p(x_i | xt),
-# the mean over the hidden ones. Add the steps for k = L, ..., 1 and divide by L. Per character:
+# the mean over the hidden ones. Add the steps for k = L, ..., 1 and divide by L: (1/L) times a
+# sum over k = 1..L is the mean over a k drawn uniformly from 1..L. Per character:
 #     NELBO = E over k ~ uniform on 1..L, and a uniform set of k hidden positions,
 #             of (1/k) * sum over the hidden i of -log p(x_i | xt).
 # Why is it a bound? The writer's chance of writing x is the average, over orders, of each
 # order's probability of x. -log of an average is at most the average of the -logs (Jensen's
-# inequality). So NELBO >= -log p(x) / L. The name: p(x) is called the evidence, and -NELBO is a
-# lower bound on log p(x), the evidence lower bound (ELBO). This any-order view is ARDM's
+# inequality). So NELBO >= -log p(x) / L, with p the writer's probability. The name: p(x) is called
+# the evidence, and -L * NELBO is a lower bound on log p(x), the evidence lower bound (ELBO). This any-order view is ARDM's
 # (Hoogeboom et al. 2022) and RADD's (Ou et al. 2024). Section 7's sampler, revealing one character
 # a step in a random order, is this writer.
 #
 # The intuitive loss pools instead: a window with k hidden counts k times, so heavily masked
 # windows weigh most. The NELBO takes each window's mean and weighs every k alike.
-# So training draws k in 1..L, hides exactly k characters (forward_mask with t = k / L), tells the
-# model t, and pays the NELBO: divide the window's summed cross-entropy by k = tL.
-# MDLM writes the same bound with t ~ U(0, 1), a coin of chance t per character, and a weight 1/t.
+# So training draws k in 1..L and hides exactly k characters: forward_mask with t = k / L.
+# It tells the model t. It pays the NELBO: the window's summed cross-entropy divided by k = tL.
+# MDLM writes the same bound with t ~ U(0, 1), a coin of chance t per character, and a weight 1/t
+# (for this linear schedule).
 # For a model that ignores t the two are equal: given k hidden characters, integrating 1/t against
 # the chance that exactly k are hidden gives 1/k (MDLM, eq. 10; a test in test_mdlm.py checks it).
 # MDLM is BERT with a random number of masks and a 1/k weight: that is the whole trick.
@@ -311,7 +316,8 @@ def naive_loss(logits, x0, mask):
 
 def nelbo_loss(logits, x0, mask, t, weight):
     """The training loss: the NELBO above, averaged over the batch, in nats per character.
-    t = k / L per row. weight (B,): how much each row counts; 1 for every row here (section 10)."""
+    t = k / L per row. weight (B,): how much each row counts. It is 1 for every row here; section 10
+    draws k unevenly and uses the weight to make up for it."""
     per_seq = masked_ce(logits, x0, mask).sum(1) / (t * x0.size(1))   # (B,): divided by k
     return (per_seq * weight).mean()
 
@@ -346,10 +352,11 @@ def get_lr(it, lr, min_lr, warmup_iters, max_iters, decay_frac):
     frac = min(1.0, max(0.0, frac))
     return lr - frac * (lr - min_lr)                             # 3) linear decay to min_lr
 
-def training_batch(data, batch_size, block_size, mask_id, generator, draw=draw_t):
-    """(x0, xt, mask, t, weight): clean windows, the same with k = tL hidden, and each row's weight."""
+def training_batch(data, batch_size, block_size, mask_id, generator, proposal=draw_t):
+    """(x0, xt, mask, t, weight): clean windows, the same with k = tL hidden, and each row's weight.
+    proposal draws t and the weights: draw_t above, or section 10's."""
     x0 = get_batch(data, batch_size, block_size, generator)
-    t, weight = draw(batch_size, block_size, generator, data.device)
+    t, weight = proposal(batch_size, block_size, generator, data.device)
     xt, mask = forward_mask(x0, t, mask_id, generator)
     return x0, xt, mask, t, weight
 
@@ -386,19 +393,19 @@ if NOTEBOOK:   # demo: train the tiny model for DEMO_ITERS steps with AdamW
     model.eval()
 
 # %% 7. Sampling -----------------------------------------------------------------------------------
-# The reverse process runs section 3 backwards, from a row of masks to text, in N steps.
-# Say a step starts with k_now hidden characters and ends with k_next.
-# Section 3 hid a uniformly random set, so of the k_now hidden now, the ones that were already
-# clean at k_next are a uniformly random set of k_now - k_next. The exact reverse step therefore
+# The reverse process runs section 3 backwards, from a row of masks to text, in `steps` passes.
+# Say a pass starts with some characters hidden and should end with n_reveal fewer hidden.
+# Section 3 hid a uniformly random set, so the hidden characters that were still clean one noise
+# level lower are a uniformly random set of n_reveal of them. So each pass
 #   1) runs the model on x, for a distribution over the characters at every position;
-#   2) picks k_now - k_next of the hidden positions, uniformly at random;
+#   2) picks n_reveal of the hidden positions, uniformly at random: exactly the reverse's choice;
 #   3) draws a character for each picked position from the model's distribution, and reveals it.
-# Drawing several characters from one pass treats them as independent, the one approximation.
-# With one reveal a step it is gone: the loop is then section 5's random-order writer.
+# Step 3 draws the picked characters independently of each other, from one pass: that is the one
+# approximation. With one reveal a pass there is none, and the loop is section 5's random-order writer.
 # Revealed characters are never touched again, so the same loop samples, completes a prompt
 # (the prompt, then masks) and fills blanks. As in training, the model is told t = the share of
-# its input still hidden. A row of M masks reveals M // N a step, and one more in the first M mod N
-# steps, so that N steps reveal all M.
+# its input still hidden. A row of M masks reveals M // steps a pass, and one more in the first
+# M mod steps passes, so that the passes reveal all M.
 # The loop takes two rules as arguments: `choose`, which hidden positions a step reveals, and
 # `draw`, how their characters are drawn. Part 2 adds other rules to the same loop.
 
@@ -410,7 +417,8 @@ def draw_characters(logits, generator=None):
     return chars, probs.gather(-1, chars[..., None])[..., 0]
 
 def choose_random(todo, n_reveal, logits, prob, steps_left, generator):
-    """The exact reverse: n_reveal[b] of row b's hidden positions (todo, (B, T)), a uniformly random set."""
+    """The exact reverse: n_reveal[b] of row b's hidden positions (todo, (B, T)), a uniformly random set.
+    logits, prob and steps_left are not used here: Part 2's rules use them."""
     score = torch.rand(todo.shape, generator=generator, device=todo.device)
     rank = score.masked_fill(~todo, float('-inf')).argsort(1, descending=True).argsort(1)   # 0: first
     return todo & (rank < n_reveal[:, None])
@@ -451,7 +459,9 @@ if NOTEBOOK:   # demo: two lines out of pure noise, one character a pass
 def generate_text(model, prefix, length, num_samples, sample):
     """`length` new characters after `prefix` (ids), in num_samples rows, one window at a time.
     The first window holds up to T - 1 characters of the prompt; each later window keeps the last
-    half window of text. Masks fill the rest of each window."""
+    half window of text. Masks fill the rest of each window. For example, with T = 8, a prompt of
+    3 and length 10: the window [p p p _ _ _ _ _] writes 5, then [c c c c _ _ _ _] writes 4 (the
+    last 4 of the 8 so far), then [c c c c c c c _] writes the last 1 (as much text as fits)."""
     T, mask_id = model.config.block_size, model.config.vocab_size - 1
     device = next(model.parameters()).device
     out = torch.tensor(prefix, dtype=torch.long, device=device).repeat(num_samples, 1)   # (B, P)
@@ -505,7 +515,8 @@ if NOTEBOOK:   # demo: continue a prompt; fill a blank from both sides
 @torch.no_grad()
 def nelbo_per_seq(model, x0, generator):
     """The NELBO's estimate for each window (B,), nats per character: exactly k_b = t_b L hidden."""
-    t, _ = draw_t(*x0.shape, generator, x0.device)
+    batch_size, L = x0.shape
+    t, _ = draw_t(batch_size, L, generator, x0.device)
     xt, mask = forward_mask(x0, t, model.config.vocab_size - 1, generator)
     return masked_ce(model(xt, t), x0, mask).sum(1) / mask.sum(1)
 
@@ -811,6 +822,7 @@ def gpt_generate(model, prefix, length, num_samples, temperature=1.0, top_p=1.0,
 # file, device and precision, checkpoints, resume, DDP, the logged training run, the command line.
 # ================================================================================================
 import argparse
+import hashlib
 import itertools
 import re
 import signal
@@ -820,6 +832,7 @@ from dataclasses import asdict, fields
 
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+MAX_CHARS = 1_000_000   # --num-samples x --length (or the --infill text) above this is refused before the work
 EVAL_BATCHES = 100      # --eval averages this many batches; the training log, the first eval_iters of them
 EXACT_BATCHES = 20      # --eval --exact: the first 20 of them (block_size passes a window for each order)
 GPT_DECAY_FRAC = 0.2    # the GPT twin decays its lr over the last 20% of its steps: over half, it overfits
@@ -836,6 +849,28 @@ def load_text(path):
                        if isinstance(e, UnicodeDecodeError) else f'cannot read {path}: {e.strerror}')
     if not text:
         raise CliError(f'{path} is empty')
+    return text
+
+def data_ref(path):
+    """How a checkpoint names its text: relative to this file's folder when the text lies inside it
+    (found again after the folder moves), else absolute."""
+    rel = os.path.relpath(os.path.abspath(path), HERE)
+    return os.path.abspath(path) if rel.startswith('..') else rel
+
+def text_sha256(text):
+    return hashlib.sha256(text.encode('utf-8')).hexdigest()
+
+def checkpoint_text(ckpt, data=None):
+    """The text a checkpoint was trained on, found by its path and checked by its hash; or --data's."""
+    if data is not None:
+        return load_text(data)
+    path = os.path.join(HERE, ckpt['args'].get('data') or DEFAULT_DATA)   # an absolute path stays as it is
+    if not os.path.exists(path):
+        raise CliError(f'the text this model was trained on is gone from {path}: give it with --data FILE')
+    text = load_text(path)
+    sha = ckpt['args'].get('data_sha256')
+    if sha and text_sha256(text) != sha:
+        raise CliError(f'{path} has changed since this model was trained on it: give its text with --data FILE')
     return text
 
 def splits(text, tok, block_size, fraction, device):
@@ -872,7 +907,10 @@ def bf16_autocast(kind):
 def autocast_for(device, dtype='auto'):
     """bf16 autocast where the hardware computes bf16 natively (--dtype auto), else float32: a null context."""
     kind = device.split(':')[0]
-    native = torch.cuda.is_bf16_supported() if kind == 'cuda' else kind == 'cpu' and cpu_has_bf16()
+    if kind == 'cuda':   # bf16 computed natively from compute capability 8.0 (A100, RTX 30xx) on; a T4 or V100 emulates it
+        native = torch.cuda.get_device_capability(device)[0] >= 8
+    else:
+        native = kind == 'cpu' and cpu_has_bf16()
     if dtype == 'bfloat16' or dtype == 'auto' and native:
         return lambda: bf16_autocast(kind)
     return contextlib.nullcontext
@@ -942,8 +980,6 @@ def resume_config(ckpt, args):
     if 'dropout' in args.explicit and args.dropout != config.dropout:
         changed.append(f'dropout: {config.dropout} -> {args.dropout}')
         config.dropout = args.dropout
-    if args.data == DEFAULT_DATA and ckpt['args'].get('data'):   # the text it was trained on
-        args.data = ckpt['args']['data']
     return config, changed
 
 def restore_state(ckpt, run, args):
@@ -973,6 +1009,11 @@ def ddp_setup(device_arg):
     torch.distributed.init_process_group(backend='gloo' if device == 'cpu' else 'nccl')
     return rank, world, device
 
+def rank_rows(batch, rank, world):
+    """This rank's rows of a global batch: every world-th row, so that each rank's rows spread over
+    the whole stratified range of k (a contiguous slice would hold only a narrow band of it)."""
+    return tuple(a[rank::world] for a in batch)
+
 def any_rank(flag, device, world):
     """True on every rank when `flag` is true on any (so all ranks stop at the same step)."""
     if world == 1:
@@ -996,10 +1037,16 @@ def start_run(args):
     ckpt = load_checkpoint(run.ckpt_path) if args.resume else None
     if ckpt:
         config, changed = resume_config(ckpt, args)
-    elif os.path.exists(run.ckpt_path) and load_checkpoint(run.ckpt_path)['config']['causal'] != args.causal:
-        raise CliError(f'{run.ckpt_path} holds a {"diffusion model" if args.causal else "GPT"}, which this '
-                       f'run would replace: choose another --out-dir')
-    text = load_text(args.data)
+    elif os.path.exists(run.ckpt_path) and not args.overwrite:   # never lose a run to a second --train
+        raise CliError(f'{run.ckpt_path} holds a run: continue it with --resume, or start over, replacing it, '
+                       f'with --overwrite (or train into another --out-dir)')
+    if ckpt:
+        text = checkpoint_text(ckpt, args.data)
+        run.data = ckpt['args']['data'] if args.data is None else data_ref(args.data)
+    else:
+        text = load_text(args.data or DEFAULT_DATA)
+        run.data = data_ref(args.data or DEFAULT_DATA)
+    run.data_sha256 = text_sha256(text)
     run.tok = Tokenizer(ckpt['vocab'] if ckpt else sorted(set(text)))
     run.config = config if ckpt else ModelConfig(vocab_size=run.tok.vocab_size, dropout=args.dropout,
                                                  **{k: getattr(args, k) for k in ARCH_FLAGS})
@@ -1025,10 +1072,14 @@ def start_run(args):
             f'training chars | {run.model.num_params() / 1e6:.2f}M parameters | {asdict(run.config)}')
     return run, ckpt
 
-def check_finite(loss, it, ckpt_path):
-    """A non-finite loss ends the run before anything is saved: the last good checkpoint stays."""
-    if loss is not None and not math.isfinite(loss.item()):
-        raise CliError(f'the loss is not finite at step {it}; kept the last good checkpoint {ckpt_path}')
+def check_finite(run, loss):
+    """A non-finite loss or weight ends the run on every rank at once, before anything is saved:
+    the last good checkpoint stays."""
+    bad = loss is not None and not math.isfinite(loss.item())
+    bad = bad or not all(p.isfinite().all().item() for p in run.model.parameters())
+    if any_rank(bad, run.device, run.world):
+        raise CliError(f'the loss or the weights are not finite at step {run.it}; '
+                       f'kept the last good checkpoint {run.ckpt_path}')
 
 def save_run(run, args, path=None):
     """The whole state at <out-dir>/ckpt.pt, or at `path` (the best checkpoint)."""
@@ -1038,7 +1089,8 @@ def save_run(run, args, path=None):
         save_checkpoint(path, {
             'format': FORMAT, 'model': run.model.state_dict(), 'config': asdict(run.config), 'vocab': run.tok.itos,
             'optimizer': [opt.state_dict() for opt in run.optimizers], 'iter': run.it, 'best_val': run.best_val,
-            'args': {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
+            'args': {**{k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
+                     'data': run.data, 'data_sha256': run.data_sha256},
             'rng': {'gen': run.gen.get_state(), 'torch': torch.get_rng_state(),
                     'cuda': torch.cuda.get_rng_state() if run.device.startswith('cuda') else None}})
 
@@ -1078,13 +1130,13 @@ def train(args):
         while True:
             # 1) evaluate and checkpoint (not again at the step a resumed run starts from); stop when asked
             if (run.it % args.eval_interval == 0 or run.it == args.max_iters) and not (ckpt and run.it == start_it):
-                check_finite(loss, run.it, run.ckpt_path)
+                check_finite(run, loss)
                 evaluate_and_save(run, args, fresh=not ckpt and run.it == 0)
                 tic, tic_it = time.time(), run.it
             if run.it >= args.max_iters:
                 break
             if (world == 1 or run.it % 10 == 0) and any_rank(stop, run.device, world):
-                check_finite(loss, run.it, run.ckpt_path)
+                check_finite(run, loss)
                 save_run(run, args)
                 run.log(f'stopped at step {run.it}; saved {run.ckpt_path}. Resume with: python mdlm.py --train '
                         f'--resume' + (f' --out-dir {args.out_dir}' if args.out_dir != 'out' else ''))   # --data: kept
@@ -1095,12 +1147,12 @@ def train(args):
             else:
                 batch = training_batch(run.train_data, world * B, T, run.tok.mask_id, run.gen,
                                        PROPOSALS[args.t_proposal])
-            batch = tuple(a[rank * B:(rank + 1) * B] for a in batch)
+            batch = rank_rows(batch, rank, world)
             lr = get_lr(run.it, args.lr, args.min_lr, args.warmup_iters, args.max_iters, args.decay_frac)
             loss = train_step(run.step_model, run.optimizers, batch, lr, loss_fn, run.autocast)
             run.it += 1
             if run.it % log_every == 0 or run.it == args.max_iters:   # the only host sync in the loop
-                check_finite(loss, run.it, run.ckpt_path)
+                check_finite(run, loss)
                 dt = (time.time() - tic) / (run.it - tic_it)
                 run.log(f'step {run.it} | loss {loss.item():.4f} | lr {lr:.1e} | {dt * 1000:.1f}ms | '
                         f'{B * T * world / dt:,.0f} tok/s | eta {dt * (args.max_iters - run.it):.0f}s')
@@ -1116,11 +1168,21 @@ def train(args):
 # %% Harness: generation and evaluation from the command line --------------------------------------
 
 def parse_infill(text, tok):
-    """'To [___] or not' -> ids with as many [MASK]s as the blank is wide: the answer lines up under it."""
-    parts = re.split(r'(\[_+\])', text)      # text, blank, text, ..., blank, text
-    ids = [i for k, part in enumerate(parts) for i in (tok.encode(part) if k % 2 == 0 else [tok.mask_id] * len(part))]
+    """'To [___] or not' -> ids with as many [MASK]s as the blank is wide, brackets included, so the answer
+    lines up under it; '[N]' is a blank of N characters (N >= 1), for blanks narrower than [_]'s 3."""
+    parts = re.split(r'(\[_+\]|\[[0-9]+\])', text)      # text, blank, text, ..., blank, text
+    ids = []
+    for n, part in enumerate(parts):
+        if n % 2 == 0:
+            ids += tok.encode(part)
+        elif '_' in part:
+            ids += [tok.mask_id] * len(part)
+        elif int(part[1:-1]) >= 1:
+            ids += [tok.mask_id] * int(part[1:-1])
+        else:
+            raise CliError(f'{part} is a blank of no characters: write [1] or wider')
     if tok.mask_id not in ids:
-        raise CliError('the text has no blank to fill: mark one with [___], as wide as the characters it holds')
+        raise CliError('the text has no blank to fill: mark one with [___] (as wide as the marker) or [N] (N characters)')
     return ids
 
 def sampler_from_args(args, infill=False):
@@ -1144,14 +1206,19 @@ def run_generation(args):
     if args.complete is not None and not args.complete:
         raise CliError('the prompt is empty: give some text to continue, or use --sample')
     ids = parse_infill(args.infill, tok) if args.infill is not None else tok.encode(args.complete or '')
+    chars = args.num_samples * (len(ids) if args.infill is not None else args.length or T)
+    if chars > MAX_CHARS:
+        raise CliError(f'{args.num_samples} samples of {chars // args.num_samples} characters are more than '
+                       f'{MAX_CHARS:,} characters in all: ask for fewer (--num-samples, --length)')
     sample = lambda x: generate(model, x, sampler, g, on_step if args.show else None)
     if args.infill is not None:
         out = infill(model, ids, args.num_samples, sample)
     elif model.config.causal:          # a GPT slides over any prompt
         out = gpt_generate(model, ids, args.length or T, args.num_samples, sampler.temperature, sampler.top_p, g)
-    elif len(ids) >= T:
-        raise CliError(f'the prompt is {len(ids)} characters; to leave room in a context of {T}, use at most {T - 1}')
     else:
+        if len(ids) >= T:
+            print(f'the prompt is {len(ids)} characters, the context {T}: the model sees the last {T - 1} of it',
+                  file=sys.stderr)
         out = generate_text(model, ids, args.length or T, args.num_samples, sample)
     sys.stdout.write(('\n' + '=' * 40 + '\n').join(tok.decode(row.tolist()) for row in out) + '\n')
     return 0
@@ -1161,7 +1228,7 @@ def run_eval(args):
     model, tok, ckpt = load_model(args.out_dir, pick_device(args.device))
     device, causal = next(model.parameters()).device, model.config.causal
     fraction = ckpt['args']['train_fraction']     # the train figure: the text it trained on
-    train_data, val_data = splits(load_text(args.data), tok, model.config.block_size, fraction, device)
+    train_data, val_data = splits(checkpoint_text(ckpt, args.data), tok, model.config.block_size, fraction, device)
     n, B = args.eval_iters or EVAL_BATCHES, args.batch_size or ckpt['args']['batch_size']   # as in training
     per_seq = nll_per_seq if causal else None
     for name, data in (('val', val_data), (f'train{f" (its first {fraction:g})" if fraction < 1 else ""}', train_data)):
@@ -1218,6 +1285,7 @@ def build_parser():
     p.add_argument('--lr', type=checked(float, lambda v: v > 0, 'above 0'))
     p.add_argument('--train-fraction', type=UNIT, metavar='F', help='train on the first F of the training split')
     p.add_argument('--resume', action='store_true', help='continue from <out-dir>/ckpt.pt')
+    p.add_argument('--overwrite', action='store_true', help='--train: start over, replacing <out-dir>/ckpt.pt')
     p.add_argument('--rule', choices=list(RULES), help=f'which masks a step reveals ({S.rule})')
     p.add_argument('--steps', type=POSITIVE, help=f'denoising steps per block ({S.steps})')
     p.add_argument('--semi-ar', type=NONNEG, metavar='N', help=f'blocks of N masks, left to right ({S.semi_ar}; 0 off)')
@@ -1226,7 +1294,7 @@ def build_parser():
     p.add_argument('--num-samples', type=POSITIVE, default=1)
     p.add_argument('--length', type=POSITIVE, help='characters to generate (default: block_size)')
     p.add_argument('--show', action='store_true', help='watch the denoising, step by step')
-    p.add_argument('--data', default=DEFAULT_DATA, help='UTF-8 text (default: input.txt, Tiny Shakespeare)')
+    p.add_argument('--data', help='UTF-8 text (--train: input.txt, Tiny Shakespeare; other modes: the checkpoint\'s)')
     p.add_argument('--out-dir', help='where the checkpoint lives (default out/; out-gpt/ for --train --gpt)')
     p.add_argument('--device', help='cuda, mps or cpu (default: the best available)')
     p.add_argument('--dtype', choices=['auto', 'float32', 'bfloat16'], default='auto', help='training precision')
@@ -1254,6 +1322,8 @@ def main(argv=None):
     try:
         if args.causal and not args.train or args.exact and not args.eval:
             raise CliError('--gpt is for --train (other modes read the kind from the checkpoint); --exact for --eval')
+        if args.overwrite and (args.resume or not args.train):
+            raise CliError('--overwrite starts a --train over: it goes with neither --resume nor another mode')
         args.out_dir = args.out_dir or ('out-gpt' if args.train and args.causal else 'out')
         if args.train:
             train(args)
@@ -1265,6 +1335,14 @@ def main(argv=None):
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)
         return 130
+    except OSError as e:          # an out-dir that cannot be made or written, a full disk
+        print(f'error: {e.strerror or e}: {e.filename or args.out_dir}', file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and 'alloc' not in str(e).lower():
+            raise
+        print('error: out of memory: ask for less (--num-samples, --length, --batch-size)', file=sys.stderr)
+        return 1
 
 if __name__ == '__main__' and not NOTEBOOK:   # a notebook's kernel has arguments of its own
     sys.exit(main())

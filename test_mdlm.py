@@ -905,6 +905,106 @@ def test_ddp_two_processes_match_one_process_with_twice_the_batch(tmp_path):
     assert mdlm.main([*common, '--batch-size', '8', '--out-dir', str(tmp_path / 'one')]) == 0
     a, b = (torch.load(tmp_path / d / 'ckpt.pt', weights_only=True)['model'] for d in ('ddp', 'one'))
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    data = torch.arange(1000) % 65
+    batch = mdlm.training_batch(data, 64, 32, MASK, torch.Generator().manual_seed(0))
+    for rank in range(2):
+        t = mdlm.rank_rows(batch, rank, 2)[3]
+        assert len(t) == 32 and t.min() < 0.1 and t.max() > 0.9, 'every rank sees the whole range of k'
+    assert sorted(torch.cat([mdlm.rank_rows(batch, r, 2)[3] for r in range(2)]).tolist()) == sorted(batch[3].tolist())
+
+def test_a_second_train_never_destroys_the_first(tmp_path, capsys):
+    """--train into a folder that holds a run is refused, and nothing there changes; --overwrite starts over."""
+    out = str(tmp_path)
+    argv = ['--train', '--max-iters', '2', '--eval-interval', '2', '--out-dir', out, *TINY]
+    assert mdlm.main(argv) == 0
+    files = lambda: {os.path.relpath(os.path.join(d, f), out): open(os.path.join(d, f), 'rb').read()
+                     for d, _, fs in os.walk(out) for f in fs}
+    before = files()
+    capsys.readouterr()
+    assert mdlm.main(argv) == 1
+    err = capsys.readouterr().err
+    assert '--resume' in err and '--overwrite' in err and len(err.strip().splitlines()) == 1, err
+    assert files() == before, 'the refused run changed nothing'
+    assert mdlm.main(argv[:2] + ['4'] + argv[3:] + ['--overwrite']) == 0
+    assert mdlm.load_checkpoint(os.path.join(out, 'ckpt.pt'))['iter'] == 4
+
+def test_every_mode_reads_the_text_its_checkpoint_was_trained_on(tmp_path, capsys):
+    """--eval (and --resume) read the run's own text, found by its path and checked by its hash; a
+    text that is gone or changed is one line naming --data. A text inside the repo is named relative to it."""
+    assert mdlm.data_ref(DATA) == 'input.txt' and mdlm.data_ref('/elsewhere/x.txt') == '/elsewhere/x.txt'
+    own = tmp_path / 'own.txt'
+    own.write_text('abcd efgh\n' * 400)                           # another alphabet than Shakespeare's
+    out = str(tmp_path / 'run')
+    assert mdlm.main(['--train', '--max-iters', '2', '--eval-interval', '2', '--out-dir', out, *TINY[:-1], str(own)]) == 0
+    capsys.readouterr()
+    assert mdlm.main(['--eval', '--eval-iters', '2', '--out-dir', out]) == 0, capsys.readouterr().err
+    assert mdlm.main(['--train', '--resume', '--max-iters', '3', '--out-dir', out, '--device', 'cpu']) == 0
+    own.write_text('abcd efgh\n' * 399 + 'hgfe dcba\n')           # the same alphabet, another text
+    capsys.readouterr()
+    assert mdlm.main(['--eval', '--eval-iters', '2', '--out-dir', out]) == 1
+    assert 'has changed since this model was trained on it' in capsys.readouterr().err
+    assert mdlm.main(['--eval', '--eval-iters', '2', '--out-dir', out, '--data', str(own)]) == 0, 'unless --data says'
+    own.unlink()
+    capsys.readouterr()
+    assert mdlm.main(['--train', '--resume', '--max-iters', '4', '--out-dir', out, '--device', 'cpu']) == 1
+    assert 'is gone from' in capsys.readouterr().err
+
+def test_bf16_autocast_on_a_gpu_only_where_it_is_native(monkeypatch):
+    for capability, bf16 in (((7, 5), False), ((8, 0), True), ((9, 0), True)):   # T4; A100; H100
+        monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None, c=capability: c)
+        assert (mdlm.autocast_for('cuda') is not contextlib.nullcontext) == bf16, capability
+
+def test_nonfinite_weights_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    """Weights can turn NaN while the last loss was finite: the save checks the weights too."""
+    real = mdlm.train_step
+    def poisoned(model, *a, **k):
+        loss = real(model, *a, **k)
+        with torch.no_grad():
+            model.blocks[0].mlp[0].weight[0, 0] = float('nan')     # after the loss: the loss stays finite
+        return loss
+    out = str(tmp_path)
+    assert mdlm.main(['--train', '--max-iters', '4', '--eval-interval', '2', '--out-dir', out, *TINY]) == 0
+    monkeypatch.setattr(mdlm, 'train_step', poisoned)
+    assert mdlm.main(['--train', '--resume', '--max-iters', '8', '--eval-interval', '2', '--out-dir', out]) == 1
+    assert 'the loss or the weights are not finite at step 5' in capsys.readouterr().err
+    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    assert ckpt['iter'] == 4 and all(torch.isfinite(v).all() for v in ckpt['model'].values())
+
+def test_a_sampler_that_cannot_end_is_refused():
+    model, x = tiny_model(), torch.full((1, 32), MASK)
+    for bad in (sampler(steps=0), sampler(steps=-1), sampler(semi_ar=-1)):
+        with pytest.raises(ValueError, match='steps >= 1 and semi_ar >= 0'):
+            mdlm.generate(model, x, bad)
+
+def test_the_time_mlp_is_initialised_as_a_plain_matrix_not_a_residual_projection():
+    torch.manual_seed(0)
+    cfg = mdlm.ModelConfig(**{k: v for k, v in mdlm.PRESETS['base'].items() if hasattr(mdlm.ModelConfig, k)})
+    p = dict(mdlm.MDLM(cfg).named_parameters())
+    assert p['time_mlp.2.weight'].std().item() == pytest.approx(0.02, rel=0.03), 'N(0, 0.02), not 0.0041'
+    residual = 0.02 / math.sqrt(2 * cfg.n_layer)
+    assert p['blocks.0.mlp.2.weight'].std().item() == pytest.approx(residual, rel=0.03)
+    assert p['blocks.0.attn.proj.weight'].std().item() == pytest.approx(residual, rel=0.03)
+    assert p['blocks.0.mlp.0.weight'].std().item() == pytest.approx(0.02, rel=0.03)
+
+def test_a_prompt_longer_than_the_context_is_continued(trained, capsys):
+    prompt = 'First Citizen:\nBefore we proceed any further, hear me speak.'    # 61 characters, context 32
+    assert mdlm.main(['--complete', prompt, '--length', '10', '--out-dir', trained, '--device', 'cpu']) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(prompt) and len(out.rstrip('\n')) == len(prompt) + 10, out
+    assert 'the model sees the last 31 of it' in err, err
+
+def test_out_of_memory_is_one_line(trained, monkeypatch, capsys):
+    for error in (torch.OutOfMemoryError('CUDA out of memory'), MemoryError(),
+                  RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10 GB")):
+        def fail(*a, error=error):
+            raise error
+        monkeypatch.setattr(mdlm, 'generate_text', fail)
+        assert mdlm.main(['--sample', '--out-dir', trained, '--device', 'cpu']) == 1
+        assert capsys.readouterr().err.strip() .endswith('error: out of memory: ask for less (--num-samples, --length, --batch-size)')
+
+def test_narrow_blanks_have_their_own_form(tok):
+    ids = mdlm.parse_infill('I [1] a [2] of [___]!', tok)
+    assert tok.decode(ids) == 'I ' + mdlm.MASK_GLYPH + ' a ' + mdlm.MASK_GLYPH * 2 + ' of ' + mdlm.MASK_GLYPH * 5 + '!'
 
 # --- harness: hostile and damaged files -----------------------------------------------------------
 def test_damaged_checkpoints_are_refused(trained, tmp_path, capsys):
@@ -1020,7 +1120,6 @@ def test_gpt_generate_writes_left_to_right_past_the_context():
 REFUSALS = [
     (['--complete', 'hello @ caf\u00e9', '--out-dir', '{d}'], "'@' '\u00e9'"),
     (['--complete', '', '--out-dir', '{d}'], 'the prompt is empty'),
-    (['--complete', 'x' * 40, '--out-dir', '{d}'], 'use at most 31'),
     (['--infill', 'no blank', '--out-dir', '{d}'], 'no blank'),
     (['--sample', '--out-dir', '{tmp}/none'], 'python mdlm.py --train'),
     (['--sample', '--out-dir', '{d}', '--device', 'tpu'], 'not a device of this machine'),
@@ -1028,8 +1127,12 @@ REFUSALS = [
     (['--train', '--n-embd', '30', '--n-head', '4', '--data', DATA], '--n-embd 30 must split'),
     (['--train', '--resume', '--out-dir', '{d}', '--n-layer', '3', '--max-iters', '41'], 'cannot resume with n_layer 3'),
     (['--train', '--resume', '--gpt', '--out-dir', '{d}'], 'cannot resume with causal True'),
-    (['--train', '--gpt', '--max-iters', '1', '--out-dir', '{d}', *TINY], 'holds a diffusion model'),
-    (['--train', '--max-iters', '1', '--out-dir', '{g}', *TINY], 'holds a GPT'),
+    (['--train', '--gpt', '--max-iters', '1', '--out-dir', '{d}', *TINY], 'continue it with --resume'),
+    (['--train', '--max-iters', '1', '--out-dir', '{g}', *TINY], 'start over, replacing it, with --overwrite'),
+    (['--sample', '--overwrite', '--out-dir', '{d}'], '--overwrite starts a --train over'),
+    (['--infill', 'To [0] or not', '--out-dir', '{d}'], 'a blank of no characters'),
+    (['--sample', '--num-samples', '2000', '--length', '1000', '--out-dir', '{d}'], 'more than 1,000,000 characters'),
+    (['--train', '--max-iters', '1', '--out-dir', '/proc/mdlm-cannot-write-here', *TINY], 'mdlm-cannot-write-here'),
     (['--infill', 'To [___] or not', '--out-dir', '{g}'], 'cannot fill blanks'),
     (['--sample', '--exact', '--out-dir', '{d}'], '--exact for --eval'),
     (['--eval', '--out-dir', '{d}', '--data', '{tmp}/curly.txt'], "'{'"),

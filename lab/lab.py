@@ -10,7 +10,7 @@ nothing to it. Run from the project root, after `python mdlm.py --train` and `--
     python lab/lab.py --show-noise "To be, or not to be" --png pictures/forward.png
     python lab/lab.py --plot out out-gpt --png pictures/training.png
     python lab/lab.py --noise-levels --png pictures/noise-levels.png
-    python lab/lab.py --frames --seed 0 --png pictures/frames-confidence.png
+    python lab/lab.py --frames --seed 0 --png pictures/sampling.gif     (a .gif: every step, animated)
     python lab/lab.py --recipe optimizer=adamw -- --train --max-iters 2000 --out-dir runs/adamw
 
 The ablations (a lever at a time, same seed and budget) are runs of `python mdlm.py --train`, with
@@ -100,9 +100,9 @@ def judge_figures(judge, rows):
     entropy = sum(unigram_entropy_bits(r) for r in rows) / len(rows)
     return gpt_nll_of_text(judge, rows).mean().item() / math.log(2), entropy
 
-def real_val_text(args, tok, like):
-    """As many seeded val windows as `like` has rows, as long as its rows: the reference."""
-    val_data = mdlm.split_data(mdlm.load_text(args.data), tok, like.size(1))[1]
+def real_val_text(args, tok, ckpt, like):
+    """As many seeded val windows as `like` has rows, as long as its rows, of the model's own text: the reference."""
+    val_data = mdlm.split_data(mdlm.checkpoint_text(ckpt, args.data), tok, like.size(1))[1]
     return mdlm.get_batch(val_data, like.size(0), like.size(1), torch.Generator().manual_seed(args.seed)).to(like.device)
 
 def load_judge(out_dir, tok, device):
@@ -120,14 +120,14 @@ def load_judge(out_dir, tok, device):
 def run_samples(args):
     """--samples: what `python mdlm.py --sample` writes with the same flags and seed, then its judged
     figures beside those of as many real val texts of the same length (on stderr)."""
-    model, tok, _, device = load(args)
+    model, tok, ckpt, device = load(args)
     judge = load_judge(args.judge, tok, device)
     B, L, s = args.num_samples, args.length or model.config.block_size, mdlm.sampler_from_args(args)
     g = torch.Generator(device=device).manual_seed(args.seed)
     out = mdlm.gpt_generate(model, [], L, B, s.temperature, s.top_p, g) if model.config.causal \
         else mdlm.generate_text(model, [], L, B, lambda x: mdlm.generate(model, x, s, g))
     sys.stdout.write(('\n' + '=' * 40 + '\n').join(tok.decode(row.tolist()) for row in out) + '\n')
-    (b, e), (rb, re_) = judge_figures(judge, out), judge_figures(judge, real_val_text(args, tok, out))
+    (b, e), (rb, re_) = judge_figures(judge, out), judge_figures(judge, real_val_text(args, tok, ckpt, out))
     print(f'judge {args.judge}: samples {b:.3f} bits/char, unigram entropy {e:.2f} bits | real val text '
           f'{rb:.3f} bits/char, entropy {re_:.2f} bits ({B} x {L} chars each)', file=sys.stderr)
     return 0
@@ -138,7 +138,7 @@ def run_samples(args):
 def run_frontier(args):
     """Every FRONTIER setting from the same seed, scored by the judge: bits/char, unigram entropy,
     model calls per character; a table, and a picture with --png."""
-    model, tok, _, device = load(args)
+    model, tok, ckpt, device = load(args)
     if model.config.causal:
         raise mdlm.CliError(f'{args.out_dir}/ckpt.pt is a GPT: --frontier compares the diffusion sampler\'s settings')
     judge = load_judge(args.judge, tok, device)
@@ -153,7 +153,7 @@ def run_frontier(args):
                      calls[0] / (B * L)))
     out = mdlm.gpt_generate(judge, [], L, B, generator=torch.Generator(device=device).manual_seed(args.seed))
     rows.append(('the GPT twin (judge) itself', *judge_figures(judge, out), 1.0))
-    rows.append(('real val text', *judge_figures(judge, real_val_text(args, tok, out)), float('nan')))
+    rows.append(('real val text', *judge_figures(judge, real_val_text(args, tok, ckpt, out)), float('nan')))
     print(f'{B} samples x {L} chars, seed {args.seed}; judge {args.judge}')
     print(f'{"setting":46} {"bits/char":>9} {"entropy":>8} {"calls/char":>10}')
     for name, bits, entropy, per_char in rows:
@@ -223,8 +223,8 @@ def infill_accuracy(model, tok, train_text, val_text, sampler, generator, length
     return rows
 
 def run_infill_eval(args):
-    model, tok, _, device = load(args)
-    text = mdlm.load_text(args.data)
+    model, tok, ckpt, device = load(args)
+    text = mdlm.checkpoint_text(ckpt, args.data)
     split = int(0.9 * len(text))
     sampler = mdlm.sampler_from_args(argparse.Namespace(**{**vars(args), 'num_samples': 1}), infill=True)   # one fill
     how = ('ranks every training word of the length (the GPT cannot see past the blank)' if model.config.causal
@@ -242,7 +242,7 @@ def run_eval_windows(args):
     model, tok, ckpt, device = load(args)
     if args.eval_windows > model.config.block_size:
         raise mdlm.CliError(f'--eval-windows {args.eval_windows} is longer than the context, {model.config.block_size}')
-    _, val_data = mdlm.split_data(mdlm.load_text(args.data), tok, args.eval_windows)
+    _, val_data = mdlm.split_data(mdlm.checkpoint_text(ckpt, args.data), tok, args.eval_windows)
     model.config.block_size = args.eval_windows          # estimate_loss draws windows of block_size
     per_seq = mdlm.nll_per_seq if model.config.causal else None
     mean, se = mdlm.estimate_loss(model, val_data.to(device), mdlm.EVAL_BATCHES, ckpt['args']['batch_size'], per_seq=per_seq)
@@ -281,7 +281,7 @@ def run_bench(args):
     B, T = args.batch_size or p['batch_size'], p['block_size']
     autocast = mdlm.autocast_for(device, args.dtype)
     bf16 = autocast is not contextlib.nullcontext
-    text = mdlm.load_text(args.data)
+    text = mdlm.load_text(args.data or mdlm.DEFAULT_DATA)
     tok = mdlm.Tokenizer(sorted(set(text)))
     data = mdlm.split_data(text, tok, T)[0].to(device)
     g = torch.Generator(device=device).manual_seed(args.seed)
@@ -367,8 +367,21 @@ def text_picture(lines, path, title):
     fig.suptitle(title, x=0.02, ha='left', fontsize=10)
     save_picture(fig, path)
 
+def text_animation(lines, path, title, fps=6):
+    """Each line a frame, in order, the last held for two seconds: an animated GIF (Pillow's writer)."""
+    plt = pyplot()
+    from matplotlib.animation import FuncAnimation, PillowWriter
+    fig = plt.figure(figsize=(0.085 * max(map(len, lines)) + 0.4, 0.8))
+    fig.suptitle(title, x=0.02, ha='left', fontsize=10)
+    shown = fig.text(0.02, 0.35, '', family='DejaVu Sans Mono', fontsize=10, va='center')
+    frame = lambda i: [shown.set_text(lines[min(i, len(lines) - 1)])]
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    FuncAnimation(fig, frame, frames=len(lines) + 2 * fps).save(path, writer=PillowWriter(fps=fps), dpi=100)
+    plt.close(fig)
+    print(f'wrote {path}', file=sys.stderr)
+
 def run_show_noise(args):
-    tok = mdlm.Tokenizer(sorted(set(mdlm.load_text(args.data))))
+    tok = mdlm.Tokenizer(sorted(set(mdlm.load_text(args.data or mdlm.DEFAULT_DATA))))
     text_picture(mdlm.show_noise(args.show_noise, tok, args.seed).split('\n'), args.png,
                  'the forward process: round(tL) of the L characters masked, a random set that only grows with t')
     return 0
@@ -424,7 +437,7 @@ def run_noise_levels(args):
     model, tok, ckpt, device = load(args)
     if model.config.causal:
         raise mdlm.CliError('a GPT has no noise level: --noise-levels is for a diffusion model')
-    _, val_data = mdlm.split_data(mdlm.load_text(args.data), tok, model.config.block_size)
+    _, val_data = mdlm.split_data(mdlm.checkpoint_text(ckpt, args.data), tok, model.config.block_size)
     ts = [round(0.1 * i, 1) for i in range(1, 11)]
     ces = ce_per_noise_level(model, val_data.to(device), ts, mdlm.EVAL_BATCHES // 4, ckpt['args']['batch_size'])
     plt = pyplot()
@@ -437,15 +450,19 @@ def run_noise_levels(args):
     return 0
 
 def run_frames(args):
-    """Nine frames of one sample coming out of noise, evenly spaced, the first and the last among them."""
+    """Nine frames of one sample coming out of noise, evenly spaced, the first and the last among them;
+    with --png FILE.gif, every frame, animated."""
     model, tok, _, device = load(args)
     s = mdlm.sampler_from_args(args)
     frames = []
     g = torch.Generator(device=device).manual_seed(args.seed)
     on_step = lambda x: frames.append(f'step {len(frames) + 1:4d} | {tok.decode(x[0].tolist())}'.replace('\n', '\u21b5'))
     mdlm.generate_text(model, [], args.length or model.config.block_size, 1, lambda x: mdlm.generate(model, x, s, g, on_step))
-    picks = sorted({round(i * (len(frames) - 1) / 8) for i in range(9)})
     how = f'rule {s.rule}, {s.steps} steps' + (f' per block of {s.semi_ar}' if s.semi_ar else '')
+    if args.png.endswith('.gif'):        # an animation: every step
+        text_animation(frames, args.png, f'text out of noise, step by step: {how}')
+        return 0
+    picks = sorted({round(i * (len(frames) - 1) / 8) for i in range(9)})
     text_picture([frames[i] for i in picks], args.png, f'text out of noise: {how} ({len(frames)} frames)')
     return 0
 
@@ -472,9 +489,9 @@ def build_parser():
     p.add_argument('--judge', metavar='DIR', help='--samples, --frontier: the GPT checkpoint that scores the samples')
     p.add_argument('--num-samples', type=int, default=16)
     p.add_argument('--length', type=int, help='characters per sample (default: block_size; --frontier: twice it)')
-    p.add_argument('--rule', choices=['confidence', 'ancestral', 'random'])
-    p.add_argument('--steps', type=int)
-    p.add_argument('--semi-ar', type=int)
+    p.add_argument('--rule', choices=list(mdlm.RULES))
+    p.add_argument('--steps', type=mdlm.POSITIVE)
+    p.add_argument('--semi-ar', type=mdlm.NONNEG)
     p.add_argument('--temperature', type=float)
     p.add_argument('--top-p', type=float)
     p.add_argument('--preset', choices=list(mdlm.PRESETS), default='tiny', help='--bench: the shape timed')
@@ -483,7 +500,7 @@ def build_parser():
     p.add_argument('--dtype', choices=['auto', 'float32', 'bfloat16'], default='auto')
     p.add_argument('--optimizer', choices=['adamw', 'muon'], default=mdlm.RECIPE['optimizer'], help='--bench')
     p.add_argument('--device')
-    p.add_argument('--data', default=mdlm.DEFAULT_DATA)
+    p.add_argument('--data', help='the text (default: the checkpoint\'s; --bench, --show-noise: input.txt)')
     p.add_argument('--seed', type=int, default=mdlm.SEED)
     return p
 

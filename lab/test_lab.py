@@ -142,6 +142,14 @@ def test_frames_picture_draws_nine_frames_first_and_last(runs, tmp_path, monkeyp
     assert steps[0] == 1 and steps[-1] == 20 and len(steps) == 9 and steps == sorted(steps), steps
     assert mdlm.MASK_GLYPH not in drawn['lines'][-1] and 'rule random, 20 steps' in drawn['title']
 
+def test_frames_as_a_gif_animate_every_step(runs, tmp_path):
+    path = tmp_path / 'sampling.gif'
+    assert lab.main(['--frames', '--out-dir', runs[0], '--rule', 'random', '--semi-ar', '0', '--steps', '5',
+                     '--png', str(path), '--device', 'cpu']) == 0
+    from PIL import Image
+    with Image.open(path) as gif:
+        assert gif.format == 'GIF' and gif.n_frames >= 5, gif.n_frames
+
 def test_pictures_without_matplotlib_are_one_line(runs, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, 'matplotlib', None)      # import matplotlib -> ImportError
     assert lab.main(['--plot', runs[0], '--png', str(tmp_path / 'x.png')]) == 1
