@@ -105,7 +105,8 @@ if NOTEBOOK:   # demo: the text (input.txt, beside this file), its vocabulary, t
     text = open(DEFAULT_DATA, encoding='utf-8').read()
     tok = Tokenizer(sorted(set(text)))
     train_data, val_data = split_data(text, tok, PRESETS['tiny']['block_size'])
-    print(f'{len(text):,} characters, {tok.vocab_size} tokens; {len(train_data):,} to train on, {len(val_data):,} held out')
+    print(f'{len(text):,} characters, {tok.vocab_size} tokens (65 characters and [MASK])')
+    print(f'{len(train_data):,} to train on, {len(val_data):,} held out')
 
 # %% 3. The forward process ------------------------------------------------------------------------
 # Text is destroyed a little at a time. Take a window of L characters (L = T).
@@ -114,15 +115,16 @@ if NOTEBOOK:   # demo: the text (input.txt, beside this file), its vocabulary, t
 # t = 0 is the clean text; t = 1 is a row of masks.
 # Each character is hidden with probability k / L, which is t when tL is a whole number.
 # So alpha_t = 1 - t, the chance that a character is still clean, falls linearly in t.
-# Masks absorb: with the same random numbers, a larger t hides more characters, never fewer.
+# Masks absorb: a hidden character stays hidden as t grows. With the same random numbers, a larger
+# t hides the same characters and more.
 # The model's whole task is to undo this: to say what stood under each mask.
 # (MDLM flips a coin of chance t for each character instead; section 5 shows why only the count matters.)
 
 def forward_mask(x0, t, mask_id, generator=None):
     """x0: (B, T) clean ids; t: (B,) noise levels. Returns xt (B, T) and mask (B, T).
-    In row b, the round(t_b * T) positions with the smallest random numbers u are hidden."""
-    u = torch.rand(x0.shape, generator=generator, device=x0.device)
-    rank = u.argsort(1).argsort(1)                        # each position's rank by u, 0 first
+    In row b, the round(t_b * T) positions with the smallest random numbers r are hidden."""
+    r = torch.rand(x0.shape, generator=generator, device=x0.device)
+    rank = r.argsort(1).argsort(1)                        # each position's rank by r, 0 first
     mask = rank < (t * x0.size(1)).round()[:, None]       # (B, T)
     return x0.masked_fill(mask, mask_id), mask
 
@@ -139,7 +141,8 @@ if NOTEBOOK:   # demo: one line of the play, destroyed a little more at each t
 
 # %% 4. The model ----------------------------------------------------------------------------------
 # A transformer reads xt and predicts x0 at every position. Shapes: C = n_embd channels, split into
-# n_head heads of hs = C / n_head channels each. It is a GPT, block for block, with three changes:
+# n_head heads of hs = C / n_head channels each. It is a GPT, block for block, with three changes
+# that make it a diffusion model:
 #   1) No causal mask: every position attends to every other, in both directions.
 #   2) It may be told the noise level t (use_time), through adaLN, explained below.
 #   3) It never predicts [MASK], because clean text never holds one: that logit is set to -inf.
@@ -179,11 +182,12 @@ class SelfAttention(nn.Module):
 
 # adaLN, "adaptive LayerNorm", as in DiT, the diffusion transformer: each block turns t's embedding
 # into a shift and a scale of its LayerNorms' outputs, h = LN(x) * (1 + scale(t)) + shift(t).
-# The layer that makes them starts at zero, as in DiT's adaLN-Zero, so at step 0 t changes nothing.
-# Unlike DiT, there are no gates on the residual branches, and the LayerNorms keep their own gains.
-# Is t needed at all? The input holds round(tL) masks, so the model could count them
-# (RADD, Ou et al. 2024, proves that the best model needs no t). Measured here, telling t was
-# neither better nor worse (lab/README.md); the default keeps the adaLN transformer MDLM describes.
+# The layer that makes them starts at zero, so at step 0 t changes nothing. (DiT's adaLN-Zero also
+# has zero-initialised gates on the residual branches, so that each block starts as the identity;
+# here there are no gates, and the LayerNorms keep their own gains.)
+# Is t needed at all? The best possible model's answer depends only on the visible characters, not
+# on t (RADD, Ou et al. 2024), and here t is even the share of masks in the input. Measured here,
+# telling t was neither better nor worse (lab/README.md); the default keeps the adaLN transformer.
 # cond, below, is t's embedding: the input of every block's adaLN.
 
 TIME_DIM = 128   # width of the time embedding that feeds every block's adaLN
@@ -291,19 +295,21 @@ if NOTEBOOK:   # demo: the tiny preset's model, untrained
 #             of (1/k) * sum over the hidden i of -log p(x_i | xt).
 # Why is it a bound? The writer's chance of writing x is the average, over orders, of each
 # order's probability of x. -log of an average is at most the average of the -logs (Jensen's
-# inequality). So NELBO >= -log p(x) / L, with p the writer's probability. The name: p(x) is called
-# the evidence, and -L * NELBO is a lower bound on log p(x), the evidence lower bound (ELBO). This any-order view is ARDM's
-# (Hoogeboom et al. 2022) and RADD's (Ou et al. 2024). Section 7's sampler, revealing one character
-# a step in a random order, is this writer.
+# inequality). So NELBO >= -log p(x) / L, with p the writer's probability. The name: p(x) is
+# called the evidence, and -L * NELBO is a lower bound on log p(x), the evidence lower bound (ELBO).
+# This any-order view is ARDM's (Hoogeboom et al. 2022) and RADD's (Ou et al. 2024). Section 7's
+# sampler, revealing one character a step in a random order, is this writer.
 #
 # The intuitive loss pools instead: a window with k hidden counts k times, so heavily masked
 # windows weigh most. The NELBO takes each window's mean and weighs every k alike.
 # So training draws k in 1..L and hides exactly k characters: forward_mask with t = k / L.
 # It tells the model t. It pays the NELBO: the window's summed cross-entropy divided by k = tL.
 # MDLM writes the same bound with t ~ U(0, 1), a coin of chance t per character, and a weight 1/t
-# (for this linear schedule).
-# For a model that ignores t the two are equal: given k hidden characters, integrating 1/t against
-# the chance that exactly k are hidden gives 1/k (MDLM, eq. 10; a test in test_mdlm.py checks it).
+# (for this linear schedule). Given that k characters are hidden, its weight averages to
+#     integral over t in [0, 1] of (1/t) C(L, k) t^k (1 - t)^(L-k) dt = C(L, k) B(k, L - k + 1) = 1/k,
+# with B the Beta function. So for a model that ignores t the two bounds are equal on average
+# (MDLM, eq. 10). A model told t, as the default is, gets two different valid bounds; this one
+# tells it t = k / L, which the input shows anyway.
 # MDLM is BERT with a random number of masks and a 1/k weight: that is the whole trick.
 
 def masked_ce(logits, x0, mask):
@@ -394,9 +400,9 @@ if NOTEBOOK:   # demo: train the tiny model for DEMO_ITERS steps with AdamW
 
 # %% 7. Sampling -----------------------------------------------------------------------------------
 # The reverse process runs section 3 backwards, from a row of masks to text, in `steps` passes.
-# Say a pass starts with some characters hidden and should end with n_reveal fewer hidden.
-# Section 3 hid a uniformly random set, so the hidden characters that were still clean one noise
-# level lower are a uniformly random set of n_reveal of them. So each pass
+# Say a pass starts with k characters hidden and should end with k - n_reveal hidden. Section 3 hid
+# a uniformly random set, so the n_reveal characters that were still clean at k - n_reveal hidden
+# are a uniformly random set of the k. So each pass
 #   1) runs the model on x, for a distribution over the characters at every position;
 #   2) picks n_reveal of the hidden positions, uniformly at random: exactly the reverse's choice;
 #   3) draws a character for each picked position from the model's distribution, and reveals it.
@@ -419,8 +425,8 @@ def draw_characters(logits, generator=None):
 def choose_random(todo, n_reveal, logits, prob, steps_left, generator):
     """The exact reverse: n_reveal[b] of row b's hidden positions (todo, (B, T)), a uniformly random set.
     logits, prob and steps_left are not used here: Part 2's rules use them."""
-    score = torch.rand(todo.shape, generator=generator, device=todo.device)
-    rank = score.masked_fill(~todo, float('-inf')).argsort(1, descending=True).argsort(1)   # 0: first
+    priority = torch.rand(todo.shape, generator=generator, device=todo.device)
+    rank = priority.masked_fill(~todo, float('-inf')).argsort(1, descending=True).argsort(1)   # 0: first
     return todo & (rank < n_reveal[:, None])
 
 @torch.no_grad()
@@ -467,10 +473,10 @@ def generate_text(model, prefix, length, num_samples, sample):
     out = torch.tensor(prefix, dtype=torch.long, device=device).repeat(num_samples, 1)   # (B, P)
     while out.size(1) < len(prefix) + length:
         if out.size(1) == len(prefix):
-            keep = min(out.size(1), T - 1)                 # the first window: the prompt
+            must_see = min(out.size(1), T - 1)             # the first window: the prompt
         else:
-            keep = min(out.size(1), T - T // 2)            # later windows: half a window of text
-        n_new = min(len(prefix) + length - out.size(1), T - keep)    # masks to write in this window
+            must_see = min(out.size(1), T - T // 2)        # later windows: half a window of text
+        n_new = min(len(prefix) + length - out.size(1), T - must_see)   # masks to write in this window
         context = out[:, out.size(1) - min(out.size(1), T - n_new):]  # all the text that fits
         masks = torch.full((num_samples, n_new), mask_id, device=device)
         window = sample(torch.cat([context, masks], 1))
@@ -511,6 +517,7 @@ if NOTEBOOK:   # demo: continue a prompt; fill a blank from both sides
 # model, `python mdlm.py --eval` printed
 #   val nelbo: 1.8629 nats/char (2.6875 bits/char) +- 0.0096 (standard error, 100 batches of 32
 #   windows of 64); perplexity <= 6.442 (an upper bound: the NELBO bounds -log p)
+# The perplexity bound is an estimate, with its standard error, of a bound on section 5's writer.
 
 @torch.no_grad()
 def nelbo_per_seq(model, x0, generator):
@@ -534,10 +541,10 @@ def estimate_loss(model, data, n_batches, batch_size, seed=EVAL_SEED, per_seq=No
     for _ in range(n_batches):
         x0 = get_batch(data, batch_size, model.config.block_size, windows)
         if per_seq is None:
-            scores = nelbo_per_seq(model, x0, noise)
+            per_window = nelbo_per_seq(model, x0, noise)
         else:
-            scores = per_seq(model, x0)
-        means.append(scores.float().mean())
+            per_window = per_seq(model, x0)
+        means.append(per_window.float().mean())
     model.train(was_training)
     m = torch.stack(means)
     se = (m.std() / math.sqrt(len(m))).item() if len(m) > 1 else float('nan')
@@ -899,7 +906,8 @@ def cpu_has_bf16():
 
 @contextlib.contextmanager
 def bf16_autocast(kind):
-    """bf16 autocast; on a CPU also PyTorch's math attention kernel (the formula: 0.70x the fused kernel's time there)."""
+    """bf16 autocast; on a CPU also PyTorch's math attention kernel, the plain formula, which took 0.70x
+    the fused kernel's time there (lab/README.md, the bench)."""
     with torch.autocast(device_type=kind, dtype=torch.bfloat16):
         with sdpa_kernel(SDPBackend.MATH) if kind == 'cpu' else contextlib.nullcontext():
             yield
@@ -907,7 +915,7 @@ def bf16_autocast(kind):
 def autocast_for(device, dtype='auto'):
     """bf16 autocast where the hardware computes bf16 natively (--dtype auto), else float32: a null context."""
     kind = device.split(':')[0]
-    if kind == 'cuda':   # bf16 computed natively from compute capability 8.0 (A100, RTX 30xx) on; a T4 or V100 emulates it
+    if kind == 'cuda':   # native bf16 from compute capability 8.0 (A100, RTX 30xx) on; a T4 or V100 emulates it
         native = torch.cuda.get_device_capability(device)[0] >= 8
     else:
         native = kind == 'cpu' and cpu_has_bf16()
@@ -1182,7 +1190,8 @@ def parse_infill(text, tok):
         else:
             raise CliError(f'{part} is a blank of no characters: write [1] or wider')
     if tok.mask_id not in ids:
-        raise CliError('the text has no blank to fill: mark one with [___] (as wide as the marker) or [N] (N characters)')
+        raise CliError('the text has no blank to fill: mark one with [___] (as wide as the marker) '
+                       'or [N] (N characters)')
     return ids
 
 def sampler_from_args(args, infill=False):
@@ -1244,7 +1253,8 @@ def run_eval(args):
         for name, per_seq, sampler in (
                 ('nelbo (bound)', None, f'--rule random --semi-ar 0 --steps {L}'),
                 ('exact, left to right', exact_nll, '--rule random --semi-ar 1 --steps 1'),
-                ('exact, surest first', lambda model, x0: exact_nll(model, x0, surest), f'--rule surest --semi-ar 0 --steps {L}')):
+                ('exact, surest first', lambda model, x0: exact_nll(model, x0, surest),
+                 f'--rule surest --semi-ar 0 --steps {L}')):
             mean, se = estimate_loss(model, val_data, m, B, per_seq=per_seq)
             print(f'  {name:<22} {mean:.4f} +- {se:.4f} nats/char ({mean / math.log(2):.4f} bits/char)  {sampler}')
     return 0

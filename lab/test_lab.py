@@ -126,7 +126,8 @@ def test_every_picture_is_written_by_its_command(runs, tmp_path, capsys):
     d, g = runs
     for name, argv in {'forward': ['--show-noise', 'To be, or not to be'], 'curves': ['--plot', d, g],
                        'levels': ['--noise-levels', '--out-dir', d],
-                       'frames': ['--frames', '--out-dir', d, '--rule', 'random', '--semi-ar', '0', '--steps', '20']}.items():
+                       'frames': ['--frames', '--out-dir', d, '--rule', 'random', '--semi-ar', '0', '--steps',
+                                  '20']}.items():
         path = tmp_path / 'pictures' / f'{name}.png'
         assert lab.main([*argv, '--png', str(path), '--device', 'cpu']) == 0, name
         png_ok(path)
@@ -180,7 +181,8 @@ def test_gpt_scores_long_text_with_a_sliding_window():
     ids = torch.randint(65, (2, 20), generator=torch.Generator().manual_seed(2))
     nll = lab.gpt_nll_of_text(gpt, ids)
     assert nll.shape == (2, 20)
-    assert torch.allclose(nll[:, :8].mean(1), mdlm.nll_per_seq(gpt, ids[:, :8]), atol=1e-5), 'within the context: the NLL'
+    assert torch.allclose(nll[:, :8].mean(1), mdlm.nll_per_seq(gpt, ids[:, :8]),
+                          atol=1e-5), 'within the context: the NLL'
     with torch.no_grad():
         for j in (8, 13, 19):
             x = torch.cat([torch.full((2, 1), 65), ids[:, j - 7:j]], 1)
@@ -212,7 +214,8 @@ def test_a_judge_must_be_a_gpt_of_the_same_vocabulary(runs, tmp_path, capsys):
                       '--n-embd', '16', '--block-size', '16', '--batch-size', '4', '--device', 'cpu',
                       '--data', str(data), '--out-dir', str(tmp_path / 'abc')]) == 0
     capsys.readouterr()
-    for judge, needle in ((str(tmp_path / 'abc'), 'another vocabulary'), (d, 'a judge must be a GPT'), (None, 'give --judge DIR')):
+    cases = ((str(tmp_path / 'abc'), 'another vocabulary'), (d, 'a judge must be a GPT'), (None, 'give --judge DIR'))
+    for judge, needle in cases:
         assert lab.main(['--samples', '--out-dir', d, '--device', 'cpu', *(['--judge', judge] if judge else [])]) == 1
         err = capsys.readouterr().err
         assert 'Traceback' not in err and err.strip().splitlines()[-1].startswith('error:') and needle in err, err
