@@ -515,8 +515,8 @@ if NOTEBOOK:   # demo: continue a prompt; fill a blank from both sides
 # The estimator is section 5's: exactly k hidden, with k spread evenly over 1..L across the batch,
 # each window's cross-entropy divided by k (LLaDA's likelihood estimator). For the default tiny
 # model, `python mdlm.py --eval` printed
-#   val nelbo: 1.8629 nats/char (2.6875 bits/char) +- 0.0096 (standard error, 100 batches of 32
-#   windows of 64); perplexity <= 6.442 (an upper bound: the NELBO bounds -log p)
+#   val nelbo: 1.8504 nats/char (2.6695 bits/char) +- 0.0096 (standard error, 100 batches of 32
+#   windows of 64); perplexity <= 6.362 (an upper bound: the NELBO bounds -log p)
 # The perplexity bound is an estimate, with its standard error, of a bound on section 5's writer.
 
 @torch.no_grad()
@@ -696,7 +696,7 @@ def choose_coin(todo, n_reveal, logits, prob, steps_left, generator):
 #     top probability is highest and draws its character from the model;
 #   the bound: --rule random --semi-ar 0 --steps L, the random order that section 5 averages over.
 # The default sampler reveals several characters a pass within blocks: it has no exact likelihood.
-# Bought: left to right 1.859 and surest first 1.865 against the bound's 1.893 on the same
+# Bought: left to right 1.857 and surest first 1.843 against the bound's 1.874 on the same
 # windows (README.md): python mdlm.py --eval --exact
 
 def surest(logp, masked):
@@ -735,8 +735,10 @@ def exact_nll(model, x0, order=None):
 #     row, then the next n, each block a whole run of `steps` passes.
 # With the default n = steps = 8, each pass reveals one character, inside a block of 8 that moves
 # left to right. A trace on the tiny model: positions revealed, pass by pass, in the first blocks
-#   block 1: TRACE1
-#   block 2: TRACE2
+#   block 1 (positions 0-7):   2, 5, 3, 7, 6, 4, 0, 1
+#   block 2 (positions 8-15):  14, 8, 9, 12, 11, 13, 10, 15
+#   block 3 (positions 16-23): 16, 19, 18, 17, 23, 20, 21, 22
+# (python mdlm.py --sample from the default run, its first 24 passes).
 # Bought: judged by the GPT twin, 2.46 bits/char at unigram entropy 4.05, against 3.88 for the random
 # rule and 4.13 for the coin at 64 steps, one model call per character (lab/README.md, "The samplers
 # measured", commit 410a455): python lab/lab.py --frontier --judge out-gpt --num-samples 16 --length 128
