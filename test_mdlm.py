@@ -699,14 +699,14 @@ def test_nelbo_is_the_mean_over_orders():
     assert (-torch.log(order_probs.mean(0)) / L <= nelbo + 1e-6).all(), 'the NELBO bounds -log p / L'
     assert (nelbo - (-torch.log(order_probs.mean(0)) / L)).max() > 1e-3, 'a sharp model: a strict bound'
 
-def sampled_frequencies(model, s, n=40000):
+def sampled_frequencies(model, s, n=12000):
     """How often the sampler `s` writes each of the 81 strings of length 4 (out of n draws)."""
     out = mdlm.generate(model, torch.full((n, 4), 3), s, torch.Generator().manual_seed(0))
     index = (out * torch.tensor([27, 9, 3, 1])).sum(1)
     return torch.bincount(index, minlength=81).double() / n
 
 def test_each_likelihood_is_that_of_the_sampler_it_names():
-    """--eval --exact names a sampler after each figure: its draws follow that likelihood. Left to
+    """--eval --exact names a sampler after each figure: 12,000 of its draws follow that likelihood. Left to
     right is --semi-ar 1 --steps 1; surest first is --rule surest, one a step; the bound's sampler,
     --rule random one a step, writes with the mean of the fixed orders' probabilities."""
     torch.manual_seed(1)             # a model whose three samplers write clearly different strings
@@ -722,7 +722,7 @@ def test_each_likelihood_is_that_of_the_sampler_it_names():
     left = sampled_frequencies(model, sampler(rule='random', semi_ar=1, steps=1))
     surest = sampled_frequencies(model, sampler(rule='surest', semi_ar=0, steps=4))
     random = sampled_frequencies(model, sampler(rule='random', semi_ar=0, steps=4))
-    assert tv(left, p_left) < 0.04 and tv(surest, p_surest) < 0.04 and tv(random, p_random) < 0.04
+    assert tv(left, p_left) < 0.05 and tv(surest, p_surest) < 0.05 and tv(random, p_random) < 0.05   # noise: 0.025
     assert min(tv(p_left, p_surest), tv(p_left, p_random), tv(p_surest, p_random)) > 0.12, 'the test has power'
     assert tv(surest, p_left) > 0.12 and tv(left, p_surest) > 0.12
 
