@@ -1086,7 +1086,7 @@ def check_finite(run, loss):
     """A non-finite loss or weight ends the run on every rank at once, before anything is saved:
     the last good checkpoint stays."""
     bad = loss is not None and not math.isfinite(loss.item())
-    bad = bad or not all(p.isfinite().all().item() for p in run.model.parameters())
+    bad = bad or not torch.stack([p.isfinite().all() for p in run.model.parameters()]).all().item()   # one sync
     if any_rank(bad, run.device, run.world):
         raise CliError(f'the loss or the weights are not finite at step {run.it}; '
                        f'kept the last good checkpoint {run.ckpt_path}')
