@@ -422,12 +422,15 @@ def draw_characters(logits, generator=None):
     chars = flat.view(probs.shape[:-1])
     return chars, probs.gather(-1, chars[..., None])[..., 0]
 
-def choose_random(todo, n_reveal, logits, prob, steps_left, generator):
-    """The exact reverse: n_reveal[b] of row b's hidden positions (todo, (B, T)), a uniformly random set.
-    logits, prob and steps_left are not used here: Part 2's rules use them."""
-    priority = torch.rand(todo.shape, generator=generator, device=todo.device)
-    rank = priority.masked_fill(~todo, float('-inf')).argsort(1, descending=True).argsort(1)   # 0: first
+def top_n(todo, score, n_reveal):
+    """The n_reveal[b] hidden positions of row b (todo, (B, T)) with the highest score (B, T)."""
+    rank = score.masked_fill(~todo, float('-inf')).argsort(1, descending=True).argsort(1)   # 0: highest
     return todo & (rank < n_reveal[:, None])
+
+def choose_random(todo, n_reveal, logits, prob, steps_left, generator):
+    """The exact reverse: n_reveal[b] of row b's hidden positions, a uniformly random set.
+    logits, prob and steps_left are not used here: Part 2's rules use them."""
+    return top_n(todo, torch.rand(todo.shape, generator=generator, device=todo.device), n_reveal)
 
 @torch.no_grad()
 def denoise(model, x, steps, generator=None, fill=None, choose=choose_random, draw=draw_characters,
@@ -705,9 +708,7 @@ def surest(logp, masked):
 
 def choose_surest(todo, n_reveal, logits, prob, steps_left, generator):
     """The n_reveal[b] hidden positions of row b whose predictions have the highest top probability."""
-    top = logits.log_softmax(-1).amax(-1)                                      # (B, T)
-    rank = top.masked_fill(~todo, float('-inf')).argsort(1, descending=True).argsort(1)
-    return todo & (rank < n_reveal[:, None])
+    return top_n(todo, logits.log_softmax(-1).amax(-1), n_reveal)
 
 @torch.no_grad()
 def exact_nll(model, x0, order=None):
@@ -745,8 +746,7 @@ def exact_nll(model, x0, order=None):
 
 def choose_confident(todo, n_reveal, logits, prob, steps_left, generator):
     """The n_reveal[b] hidden positions of row b whose drawn characters are the most probable."""
-    rank = prob.masked_fill(~todo, float('-inf')).argsort(1, descending=True).argsort(1)   # 0: surest
-    return todo & (rank < n_reveal[:, None])
+    return top_n(todo, prob, n_reveal)
 
 RULES = {'random': choose_random, 'ancestral': choose_coin, 'surest': choose_surest,
          'confidence': choose_confident}
