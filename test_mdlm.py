@@ -101,7 +101,7 @@ def test_the_data_is_tiny_shakespeare_in_the_repository_and_its_tokenizer_round_
         tok.encode('hello @ world')
 
 def test_split_is_90_10_and_batches_are_windows_of_the_text(text, tok):
-    train, val = mdlm.split_data(text, tok, 64)
+    train, val = mdlm.split_data(text, tok)
     assert len(train) == int(0.9 * len(text)) and len(train) + len(val) == len(text)
     assert tok.decode(val[:20].tolist()) == text[len(train):len(train) + 20]
     x = mdlm.get_batch(train[:5000], 4, 16, torch.Generator().manual_seed(0))
@@ -128,14 +128,6 @@ def test_exact_masks_hold_t_times_length_at_uniformly_random_places():
     sets = torch.bincount((mask[1::3].long() << torch.arange(8)).sum(1), minlength=256)   # 3 of 8
     assert (sets > 0).sum() == math.comb(8, 3), 'every set of 3 places occurs'
     assert (sets[sets > 0] - 4000 / 56).abs().max() < 5 * math.sqrt(4000 / 56), 'each as often'
-
-def test_show_noise_picture(tok):
-    lines = mdlm.show_noise('To be, or not to be', tok).splitlines()
-    assert [line[:6] for line in lines] == ['t=0.00', 't=0.25', 't=0.50', 't=0.75', 't=1.00']
-    assert lines[0].endswith('To be, or not to be') and lines[-1].endswith(mdlm.MASK_GLYPH * 19)
-    masked = [{i for i, c in enumerate(line[8:]) if c == mdlm.MASK_GLYPH} for line in lines]
-    assert not masked[0] and all(a <= b for a, b in zip(masked, masked[1:])), '[MASK] absorbs: masks nest as t grows'
-    assert 0 < len(masked[2]) < 19, 'half-way, some of the line is left'
 
 # --- 4. the model ---------------------------------------------------------------------------------
 def test_shapes_and_mask_never_predicted():
@@ -223,13 +215,14 @@ def test_attention_dropout_is_on_in_training_only():
     assert not torch.equal(attn(x, rope), attn(x, rope)), 'training: the attention weights are dropped out'
 
 # --- 5. the loss ----------------------------------------------------------------------------------
-def test_stratified_uniform_k_hits_every_count_once_with_weight_one():
+def test_stratified_uniform_k_hits_every_count_once():
     L = 16
     for seed in range(20):
-        t, w = mdlm.draw_t(L, L, torch.Generator().manual_seed(seed), 'cpu')
-        assert (w == 1).all(), 'uniform k: every weight is 1'
+        t = mdlm.draw_t(L, L, torch.Generator().manual_seed(seed), 'cpu')
         assert sorted((t * L).round().long().tolist()) == list(range(1, L + 1)), 'L strata: each k once'
-    many = torch.cat([mdlm.draw_t(5, L, torch.Generator().manual_seed(s), 'cpu')[0] for s in range(2000)])
+    _, w = mdlm.PROPOSALS['uniform'](L, L, torch.Generator().manual_seed(0), 'cpu')
+    assert (w == 1).all(), 'the recipe with uniform k: every weight is 1'
+    many = torch.cat([mdlm.draw_t(5, L, torch.Generator().manual_seed(s), 'cpu') for s in range(2000)])
     counts = torch.bincount((many * L).round().long(), minlength=L + 1)[1:].double()
     assert (counts - len(many) / L).abs().max() < 5 * math.sqrt(len(many) / L), 'still uniform on 1..L'
 
@@ -241,14 +234,14 @@ def test_initial_loss_is_log_65_because_mask_is_never_predicted(text, tok):
     model, gpt = tiny_model(), tiny_gpt()
     with torch.no_grad():
         model.tok_emb.weight.zero_(), gpt.tok_emb.weight.zero_()
-        x0, xt, mask, t, w = mdlm.training_batch(data, 16, 32, MASK, torch.Generator().manual_seed(0))
+        x0, xt, mask, t = mdlm.training_batch(data, 16, 32, MASK, torch.Generator().manual_seed(0))
         logits = model(xt, t)
-        assert mdlm.nelbo_loss(logits, x0, mask, t, w).item() == pytest.approx(math.log(65), abs=1e-5)
-        assert mdlm.batch_loss(model, x0, xt, mask, t, w, 'naive').item() == pytest.approx(math.log(65), abs=1e-5)
+        assert mdlm.nelbo_loss(logits, x0, mask, t).item() == pytest.approx(math.log(65), abs=1e-5)
+        assert mdlm.naive_loss(logits, x0, mask).item() == pytest.approx(math.log(65), abs=1e-5)
         assert mdlm.estimate_loss(gpt, data, 2, 16, per_seq=mdlm.nll_per_seq)[0] == pytest.approx(math.log(65),
                                                                                                   abs=1e-5)
         logits[..., MASK] = 0.0
-        assert mdlm.nelbo_loss(logits, x0, mask, t, w).item() == pytest.approx(math.log(66), abs=1e-5)
+        assert mdlm.nelbo_loss(logits, x0, mask, t).item() == pytest.approx(math.log(66), abs=1e-5)
 
 def test_nelbo_weights_by_one_over_t_and_length():
     logits = torch.zeros(2, 4, 66)   # uniform: CE = log 66 at every position
@@ -256,7 +249,7 @@ def test_nelbo_weights_by_one_over_t_and_length():
     mask = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
     t = torch.tensor([0.25, 0.5])
     expected = (1 / (0.25 * 4) * 1 + 1 / (0.5 * 4) * 3) / 2 * math.log(66)
-    assert abs(mdlm.nelbo_loss(logits, x0, mask, t, torch.ones(2)).item() - expected) < 1e-5
+    assert abs(mdlm.nelbo_loss(logits, x0, mask, t).item() - expected) < 1e-5
 
 class MaskRateModel(torch.nn.Module):
     """A fake denoiser whose loss runs from ~0 at small t to log 65 at t = 1: the right token gets logit 6 (1 - t)."""
@@ -274,9 +267,9 @@ def proposal_losses(proposal, n_draws=300, B=64, L=16, weighted=True):
     model, data = MaskRateModel(), torch.zeros(1000, dtype=torch.long)
     out = []
     for seed in range(n_draws):
-        x0, xt, mask, t, w = mdlm.training_batch(data, B, L, MASK, torch.Generator().manual_seed(seed),
+        x0, xt, mask, t, w = mdlm.weighted_batch(data, B, L, MASK, torch.Generator().manual_seed(seed),
                                                  mdlm.PROPOSALS[proposal])
-        out.append(mdlm.batch_loss(model, x0, xt, mask, t, w if weighted else torch.ones_like(w)).item())
+        out.append(mdlm.weighted_loss(model, x0, xt, mask, t, w if weighted else torch.ones_like(w)).item())
     return torch.tensor(out)
 
 def test_cosine_proposal_keeps_the_nelbo_unbiased():
@@ -306,16 +299,20 @@ def test_get_lr_warmup_stable_decay():
     assert lr(75) == pytest.approx(5.5e-4), 'linear decay over the second half'
     assert lr(100) == pytest.approx(1e-4) and lr(150) == pytest.approx(1e-4)
     assert lr(80, 0.2) == pytest.approx(1e-3) and lr(90, 0.2) == pytest.approx(5.5e-4), 'the GPT twin: the last 20%'
+    short = [mdlm.get_lr(it, 3e-3, 1e-4, 100, 30, 0.5) for it in range(30)]
+    assert short[0] == pytest.approx(1e-3) and max(short) == pytest.approx(3e-3), 'a short run warms up in a tenth'
+    assert mdlm.get_lr(0, 3e-3, 1e-4, 100, 5, 0.5) == pytest.approx(3e-3), 'five steps: no warmup at all'
+    assert [mdlm.get_lr(it, 3e-3, 1e-4, 100, 5000, 0.5) for it in (0, 99, 100)] == pytest.approx([3e-5, 3e-3, 3e-3])
 
 def test_train_step_sets_lr_clears_and_overfits_one_batch(text, tok):
     """Muon and AdamW at the step's lr, gradients cleared after each update, the loss detached: on one
     fixed batch and noise draw the loss falls far."""
     data = torch.tensor(tok.encode(text[:10000]))
-    batch = mdlm.training_batch(data, 8, 32, MASK, torch.Generator().manual_seed(0), mdlm.draw_t_cosine)
+    batch = mdlm.weighted_batch(data, 8, 32, MASK, torch.Generator().manual_seed(0))
     model = tiny_model().train()
-    first = mdlm.batch_loss(tiny_model().train(), *batch).item()
+    first = mdlm.weighted_loss(tiny_model().train(), *batch).item()
     optimizers = mdlm.make_optimizers(model, 1.0, 0.0)
-    losses = [mdlm.train_step(model, optimizers, batch, 1e-2) for _ in range(60)]
+    losses = [mdlm.train_step(model, optimizers, batch, 1e-2, mdlm.weighted_loss) for _ in range(60)]
     assert all(g['lr'] == 1e-2 for opt in optimizers for g in opt.param_groups), 'the step sets its learning rate'
     assert all(p.grad is None for p in model.parameters()) and not losses[0].requires_grad
     assert losses[0].item() == pytest.approx(first) and losses[-1] < 0.6 * first, [round(x.item(), 2) for x in losses]
@@ -369,9 +366,9 @@ def test_loss_naive_is_the_pooled_masked_ce(text, tok):
     data = torch.tensor(tok.encode(text[:10000]))
     batch = mdlm.training_batch(data, 8, 32, MASK, torch.Generator().manual_seed(0))
     model = tiny_model()
-    x0, xt, mask, t, w = batch
+    x0, xt, mask, t = batch
     pooled = (mdlm.masked_ce(model(xt, t), x0, mask).sum() / mask.sum()).item()
-    assert mdlm.batch_loss(model, *batch, 'naive').item() == pytest.approx(pooled, abs=1e-5)
+    assert mdlm.naive_loss(model(xt, t), x0, mask).item() == pytest.approx(pooled, abs=1e-5)
     assert mdlm.batch_loss(model, *batch).item() != pytest.approx(pooled, abs=1e-3), 'the NELBO weighs by 1/t'
 
 # --- 7. sampling ----------------------------------------------------------------------------------
@@ -521,10 +518,34 @@ def test_long_text_infill_keeps_everything_outside_the_blanks(tok):
     b = mdlm.generate(model, torch.tensor([short]), s, torch.Generator().manual_seed(0))
     assert torch.equal(a, b), 'a text that fits is one generate call'
 
+@pytest.mark.parametrize('where', ['middle', 'start', 'end'])
+def test_every_window_of_a_blank_wider_than_the_context_sees_half_a_window_of_text(where):
+    """A blank of 2L between texts of L (or at either end of the text): every window that infill hands to
+    sample holds at least L/2 visible characters, and the fill keeps the text."""
+    model, L = tiny_model(), 32
+    left, right = list(range(L)) * (where != 'start'), list(range(10, 10 + L)) * (where != 'end')
+    ids = left + [MASK] * 2 * L + right
+    windows = []
+    def sample(x):
+        windows.append(x.clone())
+        return mdlm.denoise(model, x, 4, torch.Generator().manual_seed(0))
+    out = mdlm.infill(model, ids, 2, sample)
+    visible = [(w[0] != MASK).sum().item() for w in windows]
+    assert min(visible) >= L // 2 and all(w.size(1) <= L for w in windows), visible
+    assert not (out == MASK).any() and out[0, :len(left)].tolist() == left
+    assert out[0, len(ids) - len(right):].tolist() == right
+
+def test_a_text_that_fits_one_window_is_one_call_of_sample(tok):
+    model, ids = tiny_model(), tok.encode('ROMEO:') + [MASK] * 10 + tok.encode('!')
+    calls = []
+    out = mdlm.fill_window(model, ids, 3, lambda x: calls.append(x.clone()) or x.masked_fill(x == MASK, 0))
+    assert len(calls) == 1 and calls[0].tolist() == [ids] * 3 and out.shape == (3, 17) and not (out == MASK).any()
+    with pytest.raises(AssertionError, match='one window'):
+        mdlm.fill_window(model, [0] * 33, 1, lambda x: x)
+
 def test_a_blank_is_as_wide_as_its_marker_and_its_window_holds_it(tok):
     assert mdlm.blank_window(50, 55, 200, 32) == 36
     assert mdlm.blank_window(2, 5, 200, 32) == 0 and mdlm.blank_window(190, 195, 200, 32) == 168
-    assert mdlm.blank_window(10, 90, 200, 32) == 10, 'a blank wider than the window starts in it'
     ids = mdlm.parse_infill('To [___] or not to [_]!', tok)
     assert len(ids) == len('To [___] or not to [_]!')
     assert tok.decode(ids) == 'To ' + mdlm.MASK_GLYPH * 5 + ' or not to ' + mdlm.MASK_GLYPH * 3 + '!'
@@ -623,11 +644,11 @@ def test_the_core_stands_alone_and_the_lesson_never_calls_into_the_harness():
     harness_names = used(upgrades) & defined(harness)
     assert not harness_names, f'the lesson uses harness names: {sorted(harness_names)}'
     assert re.findall(r'(?m)^# %% (\d+)\. ', core) == [str(i) for i in range(1, 10)], 'sections 1..9 in order'
-    assert re.findall(r'(?m)^# %% (\d+)\. ', upgrades) == [str(i) for i in range(10, 17)], 'then 10..16'
-    for name in ('forward_mask', 'MDLM', 'nelbo_loss', 'train_step', 'denoise', 'generate_text', 'infill',
-                 'estimate_loss'):
+    assert re.findall(r'(?m)^# %% (\d+)\. ', upgrades) == [str(i) for i in range(10, 18)], 'then 10..17'
+    for name in ('forward_mask', 'MDLM', 'nelbo_loss', 'train_step', 'denoise', 'fill_window', 'estimate_loss'):
         assert name in defined(core), f'{name} is part of the core'
-    for name in ('draw_t_cosine', 'Muon', 'propose', 'exact_nll', 'generate', 'SamplerConfig', 'gpt_generate'):
+    for name in ('draw_t_cosine', 'Muon', 'RECIPE', 'propose', 'exact_nll', 'generate', 'SamplerConfig', 'gpt_generate',
+                 'generate_text', 'infill'):
         assert name in defined(upgrades), f'{name} is an upgrade'
     for name in ('train', 'save_checkpoint', 'ddp_setup', 'build_parser', 'main'):
         assert name in defined(harness), f'{name} is harness'
@@ -692,7 +713,7 @@ def test_nelbo_is_the_mean_over_orders():
             x = row.expand(len(subsets), L)
             t = torch.full((len(subsets),), k / L)
             logits = model(x.masked_fill(mask, 3), t)
-            per_k.append(mdlm.nelbo_loss(logits, x, mask, t, torch.ones(len(subsets))).double())
+            per_k.append(mdlm.nelbo_loss(logits, x, mask, t).double())
     nelbo = torch.stack(per_k).view(L, len(x0)).mean(0)                              # (3,)
     assert torch.allclose(mean_over_orders, nelbo, atol=1e-5), (mean_over_orders, nelbo)
     order_probs = torch.exp(-L * torch.stack(orders))                                # (L!, 3)
@@ -732,7 +753,7 @@ def test_eval_exact_prints_the_bound_and_both_orders_on_the_same_windows(trained
     rows = dict(re.findall(r'(?m)^  (nelbo \(bound\)|exact, left to right|exact, surest first) +([0-9.]+)', out))
     assert len(rows) == 3 and 'the first 2 of those batches (16 windows)' in out, out
     model, tok = mdlm.load_model(trained)[:2]
-    val = mdlm.split_data(mdlm.load_text(DATA), tok, 32)[1]
+    val = mdlm.split_data(mdlm.load_text(DATA), tok)[1]
     assert rows['exact, left to right'] == f'{mdlm.estimate_loss(model, val, 2, 8, per_seq=mdlm.exact_nll)[0]:.4f}'
     surest = lambda model, x0: mdlm.exact_nll(model, x0, mdlm.surest)
     assert rows['exact, surest first'] == f'{mdlm.estimate_loss(model, val, 2, 8, per_seq=surest)[0]:.4f}'
@@ -764,7 +785,7 @@ def test_the_file_runs_cell_by_cell_as_a_notebook(part, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert ns['NOTEBOOK'] is True and ns['DEFAULT_DATA'] == os.path.join(HERE, 'input.txt')
     assert '1,115,394 characters' in out and 't=1.00' in out and 'step 2 | loss' in out, out
-    assert f'log 65 = {math.log(65):.3f}' in out and 'val NELBO' in out and 'To be, or not to ' in out, out
+    assert f'log 65 = {math.log(65):.3f}' in out and 'val NELBO' in out and 'To be, or not ' in out, out
     assert mdlm.MASK_GLYPH not in out.split('step 2 | loss')[1], 'every demo after training fills all its masks'
     assert ('generate' in ns) == (part == 'the whole file')
 
@@ -824,7 +845,7 @@ def test_train_fraction_trains_and_evaluates_on_the_first_part(tmp_path, capsys)
     out = str(tmp_path)
     assert mdlm.main(['--train', '--train-fraction', '0.01', '--max-iters', '2', '--eval-interval', '2',
                       '--out-dir', out, *TINY]) == 0
-    train_data, val_data = mdlm.split_data(mdlm.load_text(DATA), mdlm.Tokenizer(sorted(set(mdlm.load_text(DATA)))), 32)
+    train_data, val_data = mdlm.split_data(mdlm.load_text(DATA), mdlm.Tokenizer(sorted(set(mdlm.load_text(DATA)))))
     n = int(0.01 * len(train_data))
     assert f'{n:,} training chars' in capsys.readouterr().err
     assert mdlm.load_checkpoint(os.path.join(out, 'ckpt.pt'))['args']['train_fraction'] == 0.01
@@ -883,15 +904,15 @@ def test_resume_keeps_the_saved_settings_reports_changes_and_refuses_what_does_n
     ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
     ckpt['args']['t_proposal'] = 'uniform'                        # as if trained with another recipe
     torch.save(ckpt, out / 'ckpt.pt')
-    seen, real = {}, mdlm.training_batch
-    monkeypatch.setattr(mdlm, 'training_batch', lambda *a: seen.setdefault('proposal', a[5]) and real(*a))
+    seen, real = {}, mdlm.weighted_batch
+    monkeypatch.setattr(mdlm, 'weighted_batch', lambda *a: seen.setdefault('proposal', a[5]) and real(*a))
     assert mdlm.main(['--train', '--resume', '--out-dir', str(out), '--device', 'cpu', '--max-iters', '42',
                       '--lr', '1e-3']) == 0
     err = capsys.readouterr().err
     assert 'resuming from' in err and 'max_iters: 40 -> 42' in err and 'lr: 0.003 -> 0.001' in err, err
     assert 'batch_size' not in err, 'settings not given again keep their saved values'
     saved = torch.load(out / 'ckpt.pt', weights_only=True)
-    assert saved['iter'] == 42 and saved['args']['batch_size'] == 8 and seen['proposal'] is mdlm.draw_t
+    assert saved['iter'] == 42 and saved['args']['batch_size'] == 8 and seen['proposal'] is mdlm.PROPOSALS['uniform']
     saved['args']['optimizer'] = 'adamw'                          # a state that is not AdamW's alone
     torch.save(saved, out / 'ckpt.pt')
     assert mdlm.main(['--train', '--resume', '--max-iters', '44', '--out-dir', str(out), '--device', 'cpu']) == 1
@@ -918,7 +939,7 @@ def test_ddp_two_processes_match_one_process_with_twice_the_batch(tmp_path):
     a, b = (torch.load(tmp_path / d / 'ckpt.pt', weights_only=True)['model'] for d in ('ddp', 'one'))
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     data = torch.arange(1000) % 65
-    batch = mdlm.training_batch(data, 64, 32, MASK, torch.Generator().manual_seed(0))
+    batch = mdlm.weighted_batch(data, 64, 32, MASK, torch.Generator().manual_seed(0))
     for rank in range(2):
         t = mdlm.rank_rows(batch, rank, 2)[3]
         assert len(t) == 32 and t.min() < 0.1 and t.max() > 0.9, 'every rank sees the whole range of k'
@@ -1188,8 +1209,10 @@ def test_bf16_training_step_and_sampling_on_cpu(text, tok, monkeypatch):
     batch = mdlm.training_batch(data, 16, 32, MASK, torch.Generator().manual_seed(0))
     model = tiny_model().train()
     ref = mdlm.batch_loss(model, *batch).item()
-    loss = mdlm.train_step(model, [torch.optim.SGD(model.parameters(), lr=0.0)], batch, 0.0,
-                           autocast=mdlm.autocast_for('cpu'))
+    def bf16_loss(model, *batch):
+        with mdlm.autocast_for('cpu')():
+            return mdlm.batch_loss(model, *batch)
+    loss = mdlm.train_step(model, [torch.optim.SGD(model.parameters(), lr=0.0)], batch, 0.0, bf16_loss)
     assert abs(loss.item() - ref) < 0.01 and loss.dtype == torch.float32, (loss.item(), ref)
     with mdlm.autocast_for('cpu')():
         assert torch.get_autocast_dtype('cpu') == torch.bfloat16 and torch.is_autocast_enabled('cpu')

@@ -102,7 +102,7 @@ def judge_figures(judge, rows):
 
 def real_val_text(args, tok, ckpt, like):
     """As many seeded val windows as `like` has rows, as long as its rows, of the model's own text: the reference."""
-    val_data = mdlm.split_data(mdlm.checkpoint_text(ckpt, args.data), tok, like.size(1))[1]
+    val_data = mdlm.split_data(mdlm.checkpoint_text(ckpt, args.data), tok)[1]
     return mdlm.get_batch(val_data, like.size(0), like.size(1), torch.Generator().manual_seed(args.seed)).to(like.device)
 
 def load_judge(out_dir, tok, device):
@@ -242,7 +242,7 @@ def run_eval_windows(args):
     model, tok, ckpt, device = load(args)
     if args.eval_windows > model.config.block_size:
         raise mdlm.CliError(f'--eval-windows {args.eval_windows} is longer than the context, {model.config.block_size}')
-    _, val_data = mdlm.split_data(mdlm.checkpoint_text(ckpt, args.data), tok, args.eval_windows)
+    _, val_data = mdlm.split_data(mdlm.checkpoint_text(ckpt, args.data), tok)
     model.config.block_size = args.eval_windows          # estimate_loss draws windows of block_size
     per_seq = mdlm.nll_per_seq if model.config.causal else None
     mean, se = mdlm.estimate_loss(model, val_data.to(device), mdlm.EVAL_BATCHES, ckpt['args']['batch_size'], per_seq=per_seq)
@@ -283,8 +283,9 @@ def run_bench(args):
     bf16 = autocast is not contextlib.nullcontext
     text = mdlm.load_text(args.data or mdlm.DEFAULT_DATA)
     tok = mdlm.Tokenizer(sorted(set(text)))
-    data = mdlm.split_data(text, tok, T)[0].to(device)
-    g = torch.Generator(device=device).manual_seed(args.seed)
+    data = mdlm.split_data(text, tok)[0].to(device)
+    g = torch.Generator(device=device).manual_seed(args.seed)   # sampling's
+    batches = torch.Generator().manual_seed(args.seed)          # training's batches and noise: on the CPU, as mdlm's
     models = {}
     for kind, extra in (('diffusion', dict(use_time=p['use_time'])), ('gpt', dict(use_time=False, causal=True))):
         torch.manual_seed(args.seed)
@@ -299,11 +300,15 @@ def run_bench(args):
     fused = (lambda: torch.autocast(device_type=device.split(':')[0], dtype=torch.bfloat16)) if bf16 else autocast
     def step(kind, autocast):
         model, opts = models[kind]
+        loss_fn = mdlm.gpt_loss if kind == 'gpt' else mdlm.LOSSES[mdlm.RECIPE['loss']]
+        def step_loss(model, *batch):
+            with autocast():
+                return loss_fn(model, *batch)
         if kind == 'gpt':
-            mdlm.train_step(model, opts, mdlm.gpt_batch(data, B, T, tok.mask_id, g), p['lr'], mdlm.gpt_loss, autocast)
+            batch = mdlm.gpt_batch(data, B, T, tok.mask_id, batches)
         else:
-            batch = mdlm.training_batch(data, B, T, tok.mask_id, g, mdlm.PROPOSALS[mdlm.RECIPE['t_proposal']])
-            mdlm.train_step(model, opts, batch, p['lr'], autocast=autocast)
+            batch = mdlm.weighted_batch(data, B, T, tok.mask_id, batches, mdlm.PROPOSALS[mdlm.RECIPE['t_proposal']])
+        mdlm.train_step(model, opts, batch, p['lr'], step_loss)
     variants = {'diffusion, as mdlm trains': lambda: step('diffusion', autocast),
                 'diffusion, fused sdpa always': lambda: step('diffusion', fused),
                 'the GPT twin, as mdlm trains': lambda: step('gpt', autocast)}
@@ -313,7 +318,7 @@ def run_bench(args):
     mine, fused, gpt = median.values()
     print(f'as mdlm trains / fused always: {mine / fused:.2f}x the time; diffusion step / GPT step: {mine / gpt:.2f}x')
     model, opts = models['diffusion']             # the optimizer's step alone, on the gradients of one batch
-    mdlm.batch_loss(model, *mdlm.training_batch(data, B, T, tok.mask_id, g)).backward()
+    mdlm.batch_loss(model, *mdlm.training_batch(data, B, T, tok.mask_id, batches)).backward()
     opt_step = median_times({'opt': lambda: [opt.step() for opt in opts]}, args.iters, sync)['opt']
     ns = f', Newton-Schulz in {"bfloat16" if bf16 else "float32"}' if args.optimizer == 'muon' else ''
     print(f'optimizer step ({args.optimizer}{ns}): {opt_step * 1000:.1f} ms')
@@ -380,9 +385,17 @@ def text_animation(lines, path, title, fps=6):
     plt.close(fig)
     print(f'wrote {path}', file=sys.stderr)
 
+def show_noise(text, tok, seed=0):
+    """One line at t = 0, 0.25, 0.5, 0.75, 1, with the same random numbers, so the masks only grow."""
+    x0, lines = torch.tensor([tok.encode(text)]), []
+    for t in (0.0, 0.25, 0.5, 0.75, 1.0):
+        xt, _ = mdlm.forward_mask(x0, torch.tensor([t]), tok.mask_id, torch.Generator().manual_seed(seed))
+        lines.append(f't={t:.2f}  {tok.decode(xt[0].tolist())}')
+    return '\n'.join(lines)
+
 def run_show_noise(args):
     tok = mdlm.Tokenizer(sorted(set(mdlm.load_text(args.data or mdlm.DEFAULT_DATA))))
-    text_picture(mdlm.show_noise(args.show_noise, tok, args.seed).split('\n'), args.png,
+    text_picture(show_noise(args.show_noise, tok, args.seed).split('\n'), args.png,
                  'the forward process: round(tL) of the L characters masked, a random set that only grows with t')
     return 0
 
@@ -418,10 +431,10 @@ def ce_per_noise_level(model, data, ts, n_batches, batch_size, seed=mdlm.EVAL_SE
     """Masked CE (nats per masked char) at fixed t, exactly tL masks as in training, every t on the same
     windows: how hard each noise level is. Its mean over t = k/L, k = 1..L, is the NELBO (1/k cancels k)."""
     model.eval()
-    g = torch.Generator(device=data.device).manual_seed(seed + 1)
+    g = torch.Generator().manual_seed(seed + 1)      # on the CPU, as mdlm's estimate_loss
     rows = []
     for t in ts:
-        windows = torch.Generator(device=data.device).manual_seed(seed)
+        windows = torch.Generator().manual_seed(seed)
         total, count = 0.0, 0
         for _ in range(n_batches):
             x0 = mdlm.get_batch(data, batch_size, model.config.block_size, windows)
@@ -437,7 +450,7 @@ def run_noise_levels(args):
     model, tok, ckpt, device = load(args)
     if model.config.causal:
         raise mdlm.CliError('a GPT has no noise level: --noise-levels is for a diffusion model')
-    _, val_data = mdlm.split_data(mdlm.checkpoint_text(ckpt, args.data), tok, model.config.block_size)
+    _, val_data = mdlm.split_data(mdlm.checkpoint_text(ckpt, args.data), tok)
     ts = [round(0.1 * i, 1) for i in range(1, 11)]
     ces = ce_per_noise_level(model, val_data.to(device), ts, mdlm.EVAL_BATCHES // 4, ckpt['args']['batch_size'])
     plt = pyplot()
@@ -509,6 +522,27 @@ MODES = {'samples': run_samples, 'frontier': run_frontier, 'infill_eval': run_in
          'plot': run_plot, 'noise_levels': run_noise_levels, 'frames': run_frames}
 PICTURES = ('show_noise', 'plot', 'noise_levels', 'frames')
 
+def pooled_loss(model, x0, xt, mask, t, weight):
+    """mdlm's intuitive loss (section 5) on a weighted batch, its weights unused: --recipe loss=naive."""
+    return mdlm.naive_loss(model(xt, t), x0, mask)
+
+mdlm.LOSSES['naive'] = pooled_loss
+RECIPE_CHOICES = {'t_proposal': mdlm.PROPOSALS, 'optimizer': ('muon', 'adamw'), 'loss': mdlm.LOSSES}
+
+def recipe_error(key, text, value):
+    """Why KEY=VALUE is no setting of the config cell, or None when it is one."""
+    presets = list(mdlm.PRESETS.values())
+    if key not in mdlm.RECIPE and not all(key in p for p in presets):
+        return f'--recipe {key}: not a setting of RECIPE or PRESETS'
+    if key in RECIPE_CHOICES:
+        if value not in RECIPE_CHOICES[key]:
+            return f'--recipe {key}={text}: one of {", ".join(RECIPE_CHOICES[key])}'
+        return None
+    default = mdlm.RECIPE[key] if key in mdlm.RECIPE else presets[0][key]
+    if type(value) is not type(default) and not (type(default) is float and type(value) is int):
+        return f'--recipe {key}={text}: must be of type {type(default).__name__}, as its default {default!r} is'
+    return None
+
 def train_with(argv):
     """--recipe KEY=VALUE ... -- FLAGS: mdlm.main(FLAGS), or a lab mode's (--bench ...), with settings of
     the config cell that have no flag changed (in RECIPE, or in every preset); a checkpoint records them."""
@@ -519,14 +553,15 @@ def train_with(argv):
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             value = text
+        error = recipe_error(key, text, value)
+        if error:
+            print(f'error: {error}', file=sys.stderr)
+            return 1
         if key in mdlm.RECIPE:
             mdlm.RECIPE[key] = value
-        elif all(key in p for p in mdlm.PRESETS.values()):
+        else:
             for p in mdlm.PRESETS.values():
                 p[key] = value
-        else:
-            print(f'error: --recipe {key}: not a setting of RECIPE or PRESETS', file=sys.stderr)
-            return 1
     rest = argv[split + 1:]
     return (main if rest[:1] and rest[0].lstrip('-').replace('-', '_') in MODES else mdlm.main)(rest)
 

@@ -161,7 +161,7 @@ def test_eval_windows_scores_the_same_windows_as_eval_at_the_context(runs, capsy
     assert lab.main(['--eval-windows', '32', '--out-dir', d, '--device', 'cpu']) == 0
     line = capsys.readouterr().out
     model, tok = mdlm.load_model(d)[:2]
-    _, val = mdlm.split_data(mdlm.load_text(mdlm.DEFAULT_DATA), tok, 32)
+    _, val = mdlm.split_data(mdlm.load_text(mdlm.DEFAULT_DATA), tok)
     assert f'{mdlm.estimate_loss(model, val, mdlm.EVAL_BATCHES, 8)[0]:.4f}' in line, line
     assert lab.main(['--eval-windows', '16', '--out-dir', g, '--device', 'cpu']) == 0
     assert 'val nll on windows of 16' in capsys.readouterr().out
@@ -231,3 +231,25 @@ def test_samples_are_mdlm_samples_judged(runs, capsys):
         out, err = capsys.readouterr()
         assert out == expected and 'samples' in err and 'bits/char' in err and 'real val text' in err, err
 
+
+@pytest.mark.parametrize('pair, needle', [('t_proposal=cosin', 't_proposal=cosin: one of uniform, cosine'),
+                                          ('optimizer=sgd', 'optimizer=sgd: one of muon, adamw'),
+                                          ('loss=nelbow', 'loss=nelbow: one of nelbo, naive'),
+                                          ('warmup_iters=ten', 'warmup_iters=ten: must be of type int'),
+                                          ('nope=1', 'nope: not a setting')])
+def test_an_unknown_recipe_key_or_value_is_refused_before_training(pair, needle, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(mdlm, 'RECIPE', dict(mdlm.RECIPE))
+    monkeypatch.setattr(mdlm, 'main', lambda argv: pytest.fail('trained with a bad recipe'))
+    assert lab.main(['--recipe', pair, '--', '--train', '--out-dir', str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert needle in err and err.count('\n') == 1, err
+
+def test_the_pooled_loss_trains_through_the_recipe(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(mdlm, 'RECIPE', dict(mdlm.RECIPE))
+    seen = []
+    monkeypatch.setattr(lab, 'pooled_loss', lambda *a: seen.append(1) or mdlm.weighted_loss(*a))
+    monkeypatch.setitem(mdlm.LOSSES, 'naive', lab.pooled_loss)
+    argv = ['--recipe', 'loss=naive', '--', '--train', '--max-iters', '2', '--eval-interval', '2',
+            '--out-dir', str(tmp_path), *TINY]
+    assert lab.main(argv) == 0 and len(seen) == 2
+    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['args']['loss'] == 'naive'
