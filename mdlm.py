@@ -630,10 +630,9 @@ LOSSES = {'nelbo': weighted_loss}   # RECIPE['loss'] picks one; the lab adds the
 def propose(logits, temperature=1.0, top_p=1.0, generator=None):
     """A candidate per position, drawn from softmax(logits / temperature) within the nucleus, and its
     probability there: the confidence. Temperature 0: the argmax, scored at temperature 1."""
-    if logits.device.type == 'mps':      # Apple's GPU has no float64
-        logits = logits.float()
-    else:
-        logits = logits.double()
+    logits = logits.float()
+    if temperature > 0 and not (logits / temperature).amax(-1).isfinite().all():
+        temperature = 0.0           # so small that the division overflows: the limit, temperature 0
     if temperature > 0:
         logits = logits / temperature
     if top_p < 1:    # drop a character once the surer ones already sum to top_p; the top one stays
@@ -641,8 +640,8 @@ def propose(logits, temperature=1.0, top_p=1.0, generator=None):
         drop = (probs.cumsum(-1) - probs) >= top_p                        # (..., V), sorted
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float('-inf'))
     if temperature > 0:
-        u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
-        tokens = (logits - torch.log(-torch.log(u.clamp(min=1e-300)))).argmax(-1)
+        u = torch.rand(logits.shape, generator=generator, device=logits.device)
+        tokens = (logits - torch.log(-torch.log(u.clamp(min=1e-30)))).argmax(-1)
     else:
         tokens = logits.argmax(-1)
     conf = logits.softmax(-1).gather(-1, tokens[..., None])[..., 0]
@@ -878,8 +877,10 @@ from dataclasses import asdict, fields
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 MAX_CHARS = 1_000_000   # --num-samples x --length (or the --infill text) above this is refused before the work
+MAX_PASSES = 10_000     # --steps and --eval-iters above this are refused: a typo, not a wish to wait for days
 EVAL_BATCHES = 100      # --eval averages this many batches; the training log, the first eval_iters of them
 EXACT_BATCHES = 20      # --eval --exact: the first 20 of them (block_size passes a window for each order)
+EXACT_DRAWS = 16        # --eval --exact: the bound beside the exact figures averages 16 mask draws a window
 GPT_DECAY_FRAC = 0.2    # the GPT twin decays its lr over the last 20% of its steps: over half, it overfits
 
 # %% Harness: data file, device and precision ------------------------------------------------------
@@ -899,7 +900,10 @@ def load_text(path):
 def data_ref(path):
     """How a checkpoint names its text: relative to this file's folder when the text lies inside it
     (found again after the folder moves), else absolute."""
-    rel = os.path.relpath(os.path.abspath(path), HERE)
+    try:
+        rel = os.path.relpath(os.path.abspath(path), HERE)
+    except ValueError:     # Windows: another drive than this file's
+        return os.path.abspath(path)
     return os.path.abspath(path) if rel.startswith('..') else rel
 
 def text_sha256(text):
@@ -953,22 +957,51 @@ def bf16_autocast(kind):
         with sdpa_kernel(SDPBackend.MATH) if kind == 'cpu' else contextlib.nullcontext():
             yield
 
-def autocast_for(device, dtype='auto'):
-    """bf16 autocast where the hardware computes bf16 natively (--dtype auto), else float32: a null context."""
+def resolve_dtype(device, dtype='auto'):
+    """--dtype auto: 'bfloat16' where the hardware computes bf16 natively, else 'float32'."""
+    if dtype != 'auto':
+        return dtype
     kind = device.split(':')[0]
     if kind == 'cuda':   # native bf16 from compute capability 8.0 (A100, RTX 30xx) on; a T4 or V100 emulates it
-        native = torch.cuda.get_device_capability(device)[0] >= 8
-    else:
-        native = kind == 'cpu' and cpu_has_bf16()
-    if dtype == 'bfloat16' or dtype == 'auto' and native:
-        return lambda: bf16_autocast(kind)
+        return 'bfloat16' if torch.cuda.get_device_capability(device)[0] >= 8 else 'float32'
+    return 'bfloat16' if kind == 'cpu' and cpu_has_bf16() else 'float32'
+
+def autocast_for(device, dtype='auto'):
+    """bf16 autocast where resolve_dtype says bfloat16, else float32: a null context."""
+    if resolve_dtype(device, dtype) == 'bfloat16':
+        return lambda: bf16_autocast(device.split(':')[0])
     return contextlib.nullcontext
+
+@contextlib.contextmanager
+def true_float32():
+    """TF32 off: on a GPU, evaluation's matmuls in float32 itself, as the training log says."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+@contextlib.contextmanager
+def reporting(model, what, total=None, every=5.0):
+    """Every `every` seconds of a long wait, one line on stderr: how many model passes `what` has made."""
+    count, last = [0], [time.time()]
+    def hook(module, inputs):
+        count[0] += 1
+        if time.time() - last[0] >= every:
+            last[0] = time.time()
+            print(f'{what}: {count[0]:,}{f" of {total:,}" if total else ""} model passes', file=sys.stderr, flush=True)
+    handle = model.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 # %% Harness: checkpoints, resume, DDP -------------------------------------------------------------
 
 FORMAT = 'mdlm-4'
 ARCH_FLAGS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'use_time', 'causal')   # fixed by a checkpoint
-TRAIN_FLAGS = ('batch_size', 'max_iters', 'lr', 'eval_interval', 'eval_iters', 'train_fraction', *RECIPE)
+TRAIN_FLAGS = ('batch_size', 'max_iters', 'lr', 'eval_interval', 'eval_iters', 'train_fraction', 'dtype', *RECIPE)
 
 def save_checkpoint(path, ckpt):
     """Write path.tmp, fsync, rename it over `path`: a crash leaves the old or the new, never half of one."""
@@ -984,13 +1017,19 @@ def save_checkpoint(path, ckpt):
 
 def load_checkpoint(path):
     """Load with weights_only=True: tensors and plain values only, so a hostile file cannot run code."""
+    out_dir = os.path.dirname(path)
     if not os.path.exists(path):
-        raise CliError(f'no checkpoint at {path}; train one with: python mdlm.py --train')
+        flag = '' if out_dir == 'out' else f' --out-dir {out_dir}'
+        raise CliError(f'no checkpoint at {path}; train one with: python mdlm.py --train{flag}')
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        reason = (str(e).strip() or type(e).__name__).splitlines()[0][:100]
-        raise CliError(f'{path} is not a loadable checkpoint ({reason})')
+        with open(path, 'rb') as f:     # torch.save writes a zip file
+            reason = (str(e).strip() or type(e).__name__).splitlines()[0] if f.read(2) == b'PK' else \
+                'not a file that torch.save wrote'
+        best = os.path.join(out_dir, 'best', 'ckpt.pt')
+        hint = f'; try its best checkpoint: --out-dir {os.path.dirname(best)}' if os.path.isfile(best) else ''
+        raise CliError(f'{path} is not a loadable checkpoint ({reason}){hint}')
     fmt = ckpt.get('format') if isinstance(ckpt, dict) else None
     if isinstance(fmt, str) and fmt.startswith('mdlm-') and fmt != FORMAT:   # the same weights, another network
         raise CliError(f'{path} was saved by an earlier mdlm.py ({fmt}; this one reads {FORMAT}): train it again')
@@ -1001,6 +1040,8 @@ def load_checkpoint(path):
 
 def load_model(out_dir, device='cpu'):
     """The model and tokenizer of <out_dir>/ckpt.pt, and the checkpoint."""
+    if os.path.isfile(out_dir):
+        raise CliError(f'--out-dir {out_dir} is a file: give the folder that holds ckpt.pt')
     ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
     try:
         model, tok = MDLM(ModelConfig(**ckpt['config'])), Tokenizer(ckpt['vocab'])
@@ -1041,8 +1082,8 @@ def restore_state(ckpt, run, args):
         if run.device.startswith('cuda') and ckpt['rng'].get('cuda') is not None:
             torch.cuda.set_rng_state(ckpt['rng']['cuda'])
     except (AssertionError, TypeError, ValueError, KeyError, RuntimeError):
-        raise CliError(f'the checkpoint\'s optimizer state does not fit its optimizer, {args.optimizer}, or its '
-                       f'random state this device, {run.device}: resume as it was trained')
+        raise CliError(f'the checkpoint\'s optimizer state does not fit its optimizer, {args.optimizer}: '
+                       f'resume as it was trained')
     if run.world > 1:    # only rank 0's dropout RNG was saved: give the other ranks their own again
         torch.manual_seed(args.seed + run.rank + 1_000_003 * ckpt['iter'])
     run.it, run.best_val = ckpt['iter'], ckpt['best_val']
@@ -1074,22 +1115,53 @@ def any_rank(flag, device, world):
 # %% Harness: the training run ---------------------------------------------------------------------
 # train_step in a loop, with what a long run needs: evals logged to <out-dir>/log.csv, saves, Ctrl-C, --resume.
 
+def check_out_dir(args, ckpt_path):
+    """Before any work: the out-dir is a folder this process can write (made if need be), its ckpt.pt
+    a file, and a run already there is not lost to a second --train."""
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise CliError(f'--out-dir {args.out_dir} is a file, not a folder')
+    if os.path.exists(ckpt_path) and not os.path.isfile(ckpt_path):
+        raise CliError(f'{ckpt_path} is not a file: move it away, or train into another --out-dir')
+    if os.path.exists(ckpt_path) and not args.resume and not args.overwrite:
+        raise CliError(f'{ckpt_path} holds a run: continue it with --resume, or start over, replacing it, '
+                       f'with --overwrite (or train into another --out-dir)')
+    made = not os.path.exists(args.out_dir)
+    probe = os.path.join(args.out_dir, f'.probe-{os.getpid()}')
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+        open(probe, 'w').close()
+        os.remove(probe)
+    except OSError as e:
+        if made:
+            with contextlib.suppress(OSError):
+                os.rmdir(args.out_dir)
+        raise CliError(f'cannot write to --out-dir {args.out_dir}: {e.strerror}')
+
+def trim_log(out_dir, step):
+    """--resume: drop log.csv's rows after the checkpoint's step (a run killed between its log line and its save)."""
+    path = os.path.join(out_dir, 'log.csv')
+    if os.path.isfile(path):
+        with open(path) as f:
+            rows = f.read().splitlines(keepends=True)
+        kept = rows[:1] + [r for r in rows[1:] if r.split(',')[0].isdigit() and int(r.split(',')[0]) <= step]
+        if kept != rows:
+            with open(path, 'w') as f:
+                f.writelines(kept)
+
 def start_run(args):
     """Everything a run needs, fresh or resumed from <out-dir>/ckpt.pt: a namespace."""
-    rank, world, device = ddp_setup(args.device)
-    run = types.SimpleNamespace(rank=rank, world=world, device=device, started=time.time(), it=0,
-                                best_val=float('inf'), ckpt_path=os.path.join(args.out_dir, 'ckpt.pt'),
+    run = types.SimpleNamespace(started=time.time(), it=0, best_val=float('inf'), evaluating=False,
+                                ckpt_path=os.path.join(args.out_dir, 'ckpt.pt'),
                                 best_path=os.path.join(args.out_dir, 'best', 'ckpt.pt'))
-    run.log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if rank == 0 else (lambda *a: None)
+    check_out_dir(args, run.ckpt_path)
+    run.rank, run.world, device = ddp_setup(args.device)
+    run.device = device
+    run.log = (lambda *a: print(*a, flush=True)) if run.rank == 0 else (lambda *a: None)
     resolve(args, device)
     # 1) the shape and the training settings: from the preset, or a resumed run's from its checkpoint
     ckpt = load_checkpoint(run.ckpt_path) if args.resume else None
     if ckpt:
         config, changed = resume_config(ckpt, args)
-    elif os.path.exists(run.ckpt_path) and not args.overwrite:   # never lose a run to a second --train
-        raise CliError(f'{run.ckpt_path} holds a run: continue it with --resume, or start over, replacing it, '
-                       f'with --overwrite (or train into another --out-dir)')
-    if ckpt:
         text = checkpoint_text(ckpt, args.data)
         run.data = ckpt['args']['data'] if args.data is None else data_ref(args.data)
     else:
@@ -1103,20 +1175,23 @@ def start_run(args):
     run.train_data, run.val_data = splits(text, run.tok, run.config.block_size, args.train_fraction, device)
     # 3) model, optimizers, and one generator for batches and noise: every rank draws the same global
     # batch and noise and keeps its slice, so N ranks see exactly one process's N-times larger batch
-    torch.manual_seed(args.seed + rank)      # dropout differs per rank; data and noise do not
+    torch.manual_seed(args.seed + run.rank)  # dropout differs per rank; data and noise do not
     run.model = MDLM(run.config).to(device)  # what gets saved: never the DDP-wrapped one
+    args.dtype = resolve_dtype(device, args.dtype or 'auto')   # saved as what it is: bfloat16 or float32
     run.autocast = autocast_for(device, args.dtype)
-    bf16 = run.autocast is not contextlib.nullcontext    # then Muon's Newton-Schulz runs in bf16 too
+    bf16 = args.dtype == 'bfloat16'                      # then Muon's Newton-Schulz runs in bf16 too
     run.optimizers = make_optimizers(run.model, args.lr, args.weight_decay, args.optimizer,
                                      torch.bfloat16 if bf16 else torch.float32, fused=device.startswith('cuda'))
     run.gen = torch.Generator().manual_seed(args.seed)   # on the CPU: the same batches on every device
     if ckpt:
         restore_state(ckpt, run, args)
+        if run.rank == 0:
+            trim_log(args.out_dir, run.it)
         run.log(f'resuming from {run.ckpt_path} at step {run.it}' + (f' ({", ".join(changed)})' if changed else ''))
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # on a GPU: fast, ~fp32 matmuls
-    run.step_model = run.model if world == 1 else torch.nn.parallel.DistributedDataParallel(
+    run.step_model = run.model if run.world == 1 else torch.nn.parallel.DistributedDataParallel(
         run.model, device_ids=[device] if device.startswith('cuda') else None)
-    run.log(f'device {device}{f" x {world}" if world > 1 else ""} | {"bf16 autocast" if bf16 else "float32"}'
+    run.log(f'device {device}{f" x {run.world}" if run.world > 1 else ""} | {"bf16 autocast" if bf16 else "float32"}'
             f' (evals in float32) | preset {"from checkpoint" if ckpt else args.preset} | {len(run.train_data):,} '
             f'training chars | {run.model.num_params() / 1e6:.2f}M parameters | {asdict(run.config)}')
     return run, ckpt
@@ -1143,11 +1218,31 @@ def save_run(run, args, path=None):
             'rng': {'gen': run.gen.get_state(), 'torch': torch.get_rng_state(),
                     'cuda': torch.cuda.get_rng_state() if run.device.startswith('cuda') else None}})
 
+class EvalCut(Exception):
+    """Ctrl-C during an evaluation: the evaluation stops at once; the step's weights are saved."""
+
+def show_sample(run):
+    """One line of the model's writing, the default sampler on its own seeded generator (the run's
+    figures do not move): a learner watches the model learn to write."""
+    was_training = run.model.training
+    run.model.eval()
+    g = torch.Generator(device=run.device).manual_seed(SEED)
+    L, mask_id = min(64, run.config.block_size), run.tok.mask_id
+    if run.config.causal:
+        out = gpt_generate(run.model, [], L, 1, generator=g)
+    else:
+        out = generate(run.model, torch.full((1, L), mask_id, device=run.device), SamplerConfig(), g)
+    run.model.train(was_training)
+    run.log(f'sample | {run.tok.decode(out[0].tolist())}'.replace('\n', '\u21b5'))
+
 def evaluate_and_save(run, args, fresh):
     """Score, log to log.csv, save; a new best val to <out-dir>/best/ too: a run that overfits keeps its best."""
     per_seq = nll_per_seq if run.config.causal else None
-    train_loss, _ = estimate_loss(run.model, run.train_data, args.eval_iters, args.batch_size, per_seq=per_seq)
-    val_loss, val_se = estimate_loss(run.model, run.val_data, args.eval_iters, args.batch_size, per_seq=per_seq)
+    run.evaluating = True                   # Ctrl-C now cuts the evaluation short
+    with true_float32():
+        train_loss, _ = estimate_loss(run.model, run.train_data, args.eval_iters, args.batch_size, per_seq=per_seq)
+        val_loss, val_se = estimate_loss(run.model, run.val_data, args.eval_iters, args.batch_size, per_seq=per_seq)
+    run.evaluating = False
     improved, run.best_val = val_loss < run.best_val, min(run.best_val, val_loss)
     name, seconds = 'nll' if run.config.causal else 'nelbo', time.time() - run.started
     run.log(f'step {run.it} | train {name} {train_loss:.4f} | val {name} {val_loss:.4f} +- {val_se:.4f} '
@@ -1162,14 +1257,34 @@ def evaluate_and_save(run, args, fresh):
     if improved:     # best first: a crash between the two saves leaves a ckpt.pt that will find it again
         save_run(run, args, run.best_path)
     save_run(run, args)
+    if run.rank == 0:
+        show_sample(run)
+
+def evals_left(run, args):
+    """How many evaluations the steps after run.it hold (every eval_interval, and the last step)."""
+    every = args.eval_interval
+    return args.max_iters // every - run.it // every + bool(args.max_iters % every)
+
+def on_signal(run, args, stop):
+    """Ctrl-C or SIGTERM: the first finishes the step (or cuts an evaluation short), saves and exits;
+    a second exits at once, and the checkpoint saved last stays as it was."""
+    def handler(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+        if run.rank == 0:
+            print(f'\nstopping: saving the weights to {run.ckpt_path}, then exiting (again: exit now, '
+                  f'keeping the checkpoint saved last)', file=sys.stderr, flush=True)
+        if run.evaluating:
+            raise EvalCut
+    return handler
 
 def train(args):
     run, ckpt = start_run(args)
-    stop = []    # Ctrl-C / SIGTERM only raise a flag: the step in flight finishes, then we save and stop
-    old_handlers = {s: signal.signal(s, lambda signum, frame: stop.append(signum))
-                    for s in (signal.SIGINT, signal.SIGTERM)}
+    stop = []    # Ctrl-C / SIGTERM raise a flag: the step in flight finishes, then we save and stop
+    old_handlers = {s: signal.signal(s, on_signal(run, args, stop)) for s in (signal.SIGINT, signal.SIGTERM)}
     B, T, rank, world, causal = args.batch_size, run.config.block_size, run.rank, run.world, run.config.causal
-    start_it, loss, log_every = run.it, None, max(1, args.eval_interval // 5)
+    start_it, loss, log_every, eval_seconds = run.it, None, max(1, args.eval_interval // 5), 0.0
     loss_fn = gpt_loss if causal else LOSSES[args.loss]
     def step_loss(model, *batch):           # the forward pass and the loss in the run's precision
         with run.autocast():
@@ -1180,15 +1295,21 @@ def train(args):
             # 1) evaluate and checkpoint (not again at the step a resumed run starts from); stop when asked
             if (run.it % args.eval_interval == 0 or run.it == args.max_iters) and not (ckpt and run.it == start_it):
                 check_finite(run, loss)
-                evaluate_and_save(run, args, fresh=not ckpt and run.it == 0)
+                eval_start = time.time()
+                with contextlib.suppress(EvalCut):
+                    evaluate_and_save(run, args, fresh=not ckpt and run.it == 0)
+                eval_seconds = time.time() - eval_start
                 tic, tic_it = time.time(), run.it
             if run.it >= args.max_iters:
                 break
             if (world == 1 or run.it % 10 == 0) and any_rank(stop, run.device, world):
                 check_finite(run, loss)
                 save_run(run, args)
-                run.log(f'stopped at step {run.it}; saved {run.ckpt_path}. Resume with: python mdlm.py --train '
-                        f'--resume' + (f' --out-dir {args.out_dir}' if args.out_dir != 'out' else ''))   # --data: kept
+                again = ''.join(f' --{name.replace("_", "-")} {getattr(args, name)}' for name in ('out_dir', 'device')
+                                if name in args.explicit)   # --data and the settings: kept in the checkpoint
+                if rank == 0:
+                    print(f'stopped at step {run.it}; saved {run.ckpt_path}. Resume with: python mdlm.py --train '
+                          f'--resume{again}', file=sys.stderr, flush=True)
                 raise SystemExit(130)
             # 2) one step: world * B rows with t stratified over all of them, this rank's B of them
             if causal:
@@ -1200,11 +1321,12 @@ def train(args):
             lr = get_lr(run.it, args.lr, args.min_lr, args.warmup_iters, args.max_iters, args.decay_frac)
             loss = train_step(run.step_model, run.optimizers, batch, lr, step_loss)
             run.it += 1
-            if run.it % log_every == 0 or run.it == args.max_iters:   # the only host sync in the loop
+            if run.it % log_every == 0 or run.it in (1, 10) or run.it == args.max_iters:   # the only host syncs
                 check_finite(run, loss)
                 dt = (time.time() - tic) / (run.it - tic_it)
+                eta = dt * (args.max_iters - run.it) + eval_seconds * evals_left(run, args)
                 run.log(f'step {run.it} | loss {loss.item():.4f} | lr {lr:.1e} | {dt * 1000:.1f}ms | '
-                        f'{B * T * world / dt:,.0f} tok/s | eta {dt * (args.max_iters - run.it):.0f}s')
+                        f'{B * T * world / dt:,.0f} tok/s | eta {eta:.0f}s')
         run.log(f'done: best val {"nll" if causal else "nelbo"} {run.best_val:.4f} nats/char (saved in '
                 f'{run.best_path if os.path.exists(run.best_path) else "none"}); latest checkpoint: {run.ckpt_path}')
         return run.best_val
@@ -1226,6 +1348,9 @@ def parse_infill(text, tok):
             ids += tok.encode(part)
         elif '_' in part:
             ids += [tok.mask_id] * len(part)
+        elif len(part) > 11 or len(ids) + int(part[1:-1]) > MAX_CHARS:   # sized before any list is built
+            shown = part if len(part) <= 16 else part[:11] + '...]'
+            raise CliError(f'the blank {shown} makes the text longer than {MAX_CHARS:,} characters: narrow it')
         elif int(part[1:-1]) >= 1:
             ids += [tok.mask_id] * int(part[1:-1])
         else:
@@ -1238,7 +1363,7 @@ def parse_infill(text, tok):
 def sampler_from_args(args, infill=False):
     """SamplerConfig with the flags given; one fill of a blank takes INFILL_TEMPERATURE (the best guess)."""
     chosen = {f.name: getattr(args, f.name) for f in fields(SamplerConfig) if getattr(args, f.name) is not None}
-    if infill and args.num_samples == 1:
+    if infill and (args.num_samples or 1) == 1:
         chosen.setdefault('temperature', INFILL_TEMPERATURE)
     return SamplerConfig(**chosen)
 
@@ -1251,25 +1376,33 @@ def run_generation(args):
         n = next(frame)
         print('\n'.join(f'step {n:4d} | {tok.decode(row.tolist())}'.replace('\n', '\u21b5') for row in x),
               file=sys.stderr, flush=True)
-    if model.config.causal and (args.infill is not None or args.show):
-        raise CliError('a GPT writes left to right, one character a pass: it cannot fill blanks or --show steps')
+    if model.config.causal and args.infill is not None:
+        raise CliError('a GPT writes left to right, one character a pass: it cannot fill blanks')
+    for name in ('rule', 'steps', 'semi_ar', 'show'):
+        if model.config.causal and name in args.explicit:
+            raise CliError(f'--{name.replace("_", "-")} is for a diffusion model: this GPT writes left to right, '
+                           f'one character a pass')
     if args.complete is not None and not args.complete:
         raise CliError('the prompt is empty: give some text to continue, or use --sample')
     ids = parse_infill(args.infill, tok) if args.infill is not None else tok.encode(args.complete or '')
-    chars = args.num_samples * (len(ids) if args.infill is not None else args.length or T)
-    if chars > MAX_CHARS:
-        raise CliError(f'{args.num_samples} samples of {chars // args.num_samples} characters are more than '
+    n = args.num_samples
+    if args.infill is not None and n * len(ids) > MAX_CHARS:
+        raise CliError(f'{n} copies of a text of {len(ids):,} characters (its blanks included) are more than '
+                       f'{MAX_CHARS:,} characters in all: ask for fewer (--num-samples)')
+    if args.infill is None and n * (args.length or T) > MAX_CHARS:
+        raise CliError(f'{n} sample{"s" * (n > 1)} of {args.length or T:,} characters are more than '
                        f'{MAX_CHARS:,} characters in all: ask for fewer (--num-samples, --length)')
     sample = lambda x: generate(model, x, sampler, g, on_step if args.show else None)
-    if args.infill is not None:
-        out = infill(model, ids, args.num_samples, sample)
-    elif model.config.causal:          # a GPT slides over any prompt
-        out = gpt_generate(model, ids, args.length or T, args.num_samples, sampler.temperature, sampler.top_p, g)
-    else:
-        if len(ids) >= T:
-            print(f'the prompt is {len(ids)} characters, the context {T}: the model sees the last {T - 1} of it',
-                  file=sys.stderr)
-        out = generate_text(model, ids, args.length or T, args.num_samples, sample)
+    with reporting(model, 'writing'):
+        if args.infill is not None:
+            out = infill(model, ids, n, sample)
+        elif model.config.causal:          # a GPT slides over any prompt
+            out = gpt_generate(model, ids, args.length or T, n, sampler.temperature, sampler.top_p, g)
+        else:
+            if len(ids) >= T:
+                print(f'the prompt is {len(ids)} characters, the context {T}: the model sees the last {T - 1} of it',
+                      file=sys.stderr)
+            out = generate_text(model, ids, args.length or T, n, sample)
     sys.stdout.write(('\n' + '=' * 40 + '\n').join(tok.decode(row.tolist()) for row in out) + '\n')
     return 0
 
@@ -1281,24 +1414,47 @@ def run_eval(args):
     train_data, val_data = splits(checkpoint_text(ckpt, args.data), tok, model.config.block_size, fraction, device)
     n, B = args.eval_iters or EVAL_BATCHES, args.batch_size or ckpt['args']['batch_size']   # as in training
     per_seq = nll_per_seq if causal else None
+    if causal and args.exact:
+        raise CliError('--exact adds exact likelihoods to a diffusion model\'s bound: a GPT\'s --eval is exact already')
     for name, data in (('val', val_data), (f'train{f" (its first {fraction:g})" if fraction < 1 else ""}', train_data)):
-        mean, se = estimate_loss(model, data, n, B, per_seq=per_seq)
+        with true_float32(), reporting(model, f'--eval, {name}', total=n):
+            mean, se = estimate_loss(model, data, n, B, per_seq=per_seq)
         what = ('nll', f'perplexity {math.exp(mean):.3f} (exact: a GPT\'s likelihood)') if causal \
             else ('nelbo', f'perplexity <= {math.exp(mean):.3f} (an upper bound: the NELBO bounds -log p)')
         print(f'{name} {what[0]}: {mean:.4f} nats/char ({mean / math.log(2):.4f} bits/char) +- {se:.4f} (standard '
               f'error, {n} batches of {B} windows of {model.config.block_size}); {what[1]}')
-    if args.exact and not causal:    # L passes a window: on the first EXACT_BATCHES batches, the bound beside it
-        m, L = min(n, EXACT_BATCHES), model.config.block_size
-        print(f'val, the first {m} of those batches ({m * B} windows): the bound and two exact likelihoods, '
-              f'each of the sampler named after it')
-        for name, per_seq, sampler in (
-                ('nelbo (bound)', None, f'--rule random --semi-ar 0 --steps {L}'),
-                ('exact, left to right', exact_nll, '--rule random --semi-ar 1 --steps 1'),
-                ('exact, surest first', lambda model, x0: exact_nll(model, x0, surest),
-                 f'--rule surest --semi-ar 0 --steps {L}')):
-            mean, se = estimate_loss(model, val_data, m, B, per_seq=per_seq)
-            print(f'  {name:<22} {mean:.4f} +- {se:.4f} nats/char ({mean / math.log(2):.4f} bits/char)  {sampler}')
+    if args.exact:
+        with true_float32():
+            exact_figures(model, val_data, min(n, EXACT_BATCHES), B)
     return 0
+
+def exact_figures(model, val_data, m, B):
+    """--exact: on m batches, the bound (EXACT_DRAWS mask draws a window) and two exact likelihoods, each
+    with its difference from the bound on the same windows and that difference's standard error."""
+    L = model.config.block_size
+    print(f'val, the first {m} of those batches ({m * B} windows): the bound and two exact likelihoods, '
+          f'each of the sampler named after it')
+    noise, bounds = torch.Generator().manual_seed(EVAL_SEED + 1), []
+    def bound(model, x0):                   # (B,): the mean of EXACT_DRAWS draws of the NELBO's masks
+        bounds.append(torch.stack([nelbo_per_seq(model, x0, noise) for _ in range(EXACT_DRAWS)]).mean(0))
+        return bounds[-1]
+    with reporting(model, '--exact, the bound', total=m * EXACT_DRAWS):
+        mean, se = estimate_loss(model, val_data, m, B, per_seq=bound)
+    print(f'  {"nelbo (bound)":<22} {mean:.4f} +- {se:.4f} nats/char ({mean / math.log(2):.4f} bits/char)  '
+          f'--rule random --semi-ar 0 --steps {L}')
+    for name, order, sampler in (('exact, left to right', None, '--rule random --semi-ar 1 --steps 1'),
+                                 ('exact, surest first', surest, f'--rule surest --semi-ar 0 --steps {L}')):
+        gaps = []                           # per batch: the mean of exact - bound over its windows
+        def exact(model, x0):
+            nll = exact_nll(model, x0, order)
+            gaps.append((nll - bounds[len(gaps)]).mean())
+            return nll
+        with reporting(model, f'--exact, {name}', total=m * L):
+            mean, se = estimate_loss(model, val_data, m, B, per_seq=exact)
+        gap = torch.stack(gaps)
+        gap_se = (gap.std() / math.sqrt(m)).item() if m > 1 else float('nan')
+        print(f'  {name:<22} {mean:.4f} +- {se:.4f} nats/char ({mean / math.log(2):.4f} bits/char); minus the bound: '
+              f'{gap.mean().item():+.4f} +- {gap_se:.4f}  {sampler}')
 
 # %% Harness: the command line ---------------------------------------------------------------------
 
@@ -1314,6 +1470,25 @@ def checked(kind, ok, what):
 
 POSITIVE, NONNEG = checked(int, lambda v: v >= 1, 'at least 1'), checked(int, lambda v: v >= 0, 'at least 0')
 UNIT = checked(float, lambda v: 0 < v <= 1, 'in (0, 1]')
+PASSES = checked(int, lambda v: 1 <= v <= MAX_PASSES, f'in 1..{MAX_PASSES:,}')
+
+# The flags each mode reads; any other is refused. Every mode takes --out-dir, --device, --dtype, --seed.
+SAMPLING = {'rule', 'steps', 'semi_ar', 'temperature', 'top_p', 'num_samples', 'length', 'show'}
+MODE_FLAGS = {'train': {'preset', 'n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size', 'eval_interval',
+                        'dropout', 'use_time', 'causal', 'max_iters', 'eval_iters', 'lr', 'train_fraction', 'resume',
+                        'overwrite', 'data'},
+              'eval': {'exact', 'batch_size', 'eval_iters', 'data'},
+              'sample': SAMPLING, 'complete': SAMPLING, 'infill': SAMPLING - {'length'}}
+FLAG_NAMES = {'use_time': 'no-time', 'causal': 'gpt'}
+
+def refuse_unused_flags(args):
+    """One line for a flag that the mode would ignore, naming the modes that read it."""
+    mode = next(m for m in MODE_FLAGS if getattr(args, m) not in (None, False))
+    for name in sorted(args.explicit - set(MODE_FLAGS) - {'out_dir', 'device', 'dtype', 'seed'}):
+        if name not in MODE_FLAGS[mode]:
+            users = ', '.join(f'--{m}' for m in MODE_FLAGS if name in MODE_FLAGS[m])
+            flag = FLAG_NAMES.get(name, name.replace('_', '-'))
+            raise CliError(f'--{flag} does nothing with --{mode}: it is for {users}')
 
 def build_parser():
     S = SamplerConfig()
@@ -1324,38 +1499,42 @@ def build_parser():
     mode.add_argument('--complete', metavar='PROMPT', help='continue a prompt')
     mode.add_argument('--infill', metavar='TEXT', help='fill the blanks [___] of a text, each as wide as its marker')
     mode.add_argument('--eval', action='store_true', help='the NELBO bound (a GPT: its exact NLL) on the val split')
-    p.add_argument('--exact', action='store_true', help='with --eval: two exact likelihoods too (slow; fewer windows)')
-    p.add_argument('--preset', choices=['auto', *PRESETS], default='auto', help='auto: base on cuda, else tiny')
+    p.add_argument('--exact', action='store_true', default=None, help='with --eval: two exact likelihoods too (slow)')
+    p.add_argument('--preset', choices=['auto', *PRESETS], help='auto (the default): base on cuda, else tiny')
     for name in ('--n-layer', '--n-head', '--n-embd', '--block-size', '--batch-size', '--eval-interval'):
         p.add_argument(name, type=POSITIVE, help='default: from --preset')
     p.add_argument('--dropout', type=checked(float, lambda v: 0 <= v < 1, 'in [0, 1)'))
     p.add_argument('--no-time', dest='use_time', action='store_false', default=None, help='no adaLN: t is not told')
     p.add_argument('--gpt', dest='causal', action='store_true', default=None, help='--train the GPT twin (out-gpt/)')
     p.add_argument('--max-iters', type=NONNEG, help='0: build, evaluate, save')
-    p.add_argument('--eval-iters', type=POSITIVE, help=f'batches per loss estimate (--eval: {EVAL_BATCHES})')
+    p.add_argument('--eval-iters', type=PASSES, help=f'batches per loss estimate (--eval: {EVAL_BATCHES}; '
+                                                     f'at most {MAX_PASSES:,})')
     p.add_argument('--lr', type=checked(float, lambda v: v > 0, 'above 0'))
     p.add_argument('--train-fraction', type=UNIT, metavar='F', help='train on the first F of the training split')
-    p.add_argument('--resume', action='store_true', help='continue from <out-dir>/ckpt.pt')
-    p.add_argument('--overwrite', action='store_true', help='--train: start over, replacing <out-dir>/ckpt.pt')
+    p.add_argument('--resume', action='store_true', default=None, help='continue from <out-dir>/ckpt.pt')
+    p.add_argument('--overwrite', action='store_true', default=None, help='start over, replacing <out-dir>/ckpt.pt')
     p.add_argument('--rule', choices=list(RULES), help=f'which masks a step reveals ({S.rule})')
-    p.add_argument('--steps', type=POSITIVE, help=f'denoising steps per block ({S.steps})')
+    p.add_argument('--steps', type=PASSES, help=f'denoising steps per block ({S.steps}; at most {MAX_PASSES:,})')
     p.add_argument('--semi-ar', type=NONNEG, metavar='N', help=f'blocks of N masks, left to right ({S.semi_ar}; 0 off)')
     p.add_argument('--temperature', type=checked(float, lambda v: v >= 0, 'at least 0'), help='0: argmax')
     p.add_argument('--top-p', type=UNIT, help=f'nucleus sampling ({S.top_p:g}: all)')
-    p.add_argument('--num-samples', type=POSITIVE, default=1)
+    p.add_argument('--num-samples', type=POSITIVE, help='default: 1')
     p.add_argument('--length', type=POSITIVE, help='characters to generate (default: block_size)')
-    p.add_argument('--show', action='store_true', help='watch the denoising, step by step')
+    p.add_argument('--show', action='store_true', default=None, help='watch the denoising, step by step')
     p.add_argument('--data', help='UTF-8 text (--train: input.txt, Tiny Shakespeare; other modes: the checkpoint\'s)')
     p.add_argument('--out-dir', help='where the checkpoint lives (default out/; out-gpt/ for --train --gpt)')
     p.add_argument('--device', help='cuda, mps or cpu (default: the best available)')
-    p.add_argument('--dtype', choices=['auto', 'float32', 'bfloat16'], default='auto', help='training precision')
+    p.add_argument('--dtype', choices=['auto', 'float32', 'bfloat16'], help='auto: bf16 where native')
     p.add_argument('--seed', type=checked(int, lambda v: 0 <= v < 2 ** 63, 'in [0, 2**63)'), default=SEED)
     return p
 
 def resolve(args, device):
     """Fill the training flags left unset from the preset and RECIPE: one recipe on every machine."""
-    args.preset = args.preset if args.preset != 'auto' else ('base' if device.startswith('cuda') else 'tiny')
+    if args.preset in (None, 'auto'):
+        args.preset = 'base' if device.startswith('cuda') else 'tiny'
     values = {**RECIPE, **PRESETS[args.preset], 'train_fraction': 1.0}
+    if args.dtype == 'auto':             # compared with a resumed run's as what it is on this device
+        args.dtype = resolve_dtype(device)
     if args.causal:                      # the GPT twin: no time input, its own decay (lab/README.md)
         values['use_time'], values['decay_frac'] = False, GPT_DECAY_FRAC
     for k, v in values.items():
@@ -1369,12 +1548,11 @@ def main(argv=None):
         getattr(stream, 'reconfigure', lambda **kw: None)(errors='backslashreplace')
     args = build_parser().parse_args(argv)
     args.explicit = {k for k, v in vars(args).items() if v is not None}
-    args.causal = bool(args.causal)
+    args.causal, args.num_samples = bool(args.causal), args.num_samples or 1
     try:
-        if args.causal and not args.train or args.exact and not args.eval:
-            raise CliError('--gpt is for --train (other modes read the kind from the checkpoint); --exact for --eval')
-        if args.overwrite and (args.resume or not args.train):
-            raise CliError('--overwrite starts a --train over: it goes with neither --resume nor another mode')
+        refuse_unused_flags(args)
+        if args.overwrite and args.resume:
+            raise CliError('--overwrite starts a --train over: it does not go with --resume')
         args.out_dir = args.out_dir or ('out-gpt' if args.train and args.causal else 'out')
         if args.train:
             train(args)
@@ -1391,6 +1569,10 @@ def main(argv=None):
         return 1
     except (MemoryError, RuntimeError) as e:
         if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and 'alloc' not in str(e).lower():
+            if int(os.environ.get('WORLD_SIZE', 1)) > 1:     # torchrun: a peer's failure breaks this rank's collective
+                print(f'error: rank {os.environ.get("RANK")} stops because another rank failed (its error is above): '
+                      f'{str(e).strip().splitlines()[0][:200]}', file=sys.stderr)
+                return 1
             raise
         print('error: out of memory: ask for less (--num-samples, --length, --batch-size)', file=sys.stderr)
         return 1

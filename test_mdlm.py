@@ -469,21 +469,24 @@ def test_semi_ar_goes_left_to_right_block_by_block():
 def test_temperature_zero_is_the_argmax_and_its_confidence():
     logits = torch.randn(4, 9, 66, generator=torch.Generator().manual_seed(0))
     tokens, conf = mdlm.propose(logits, temperature=0, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(tokens, logits.argmax(-1)) and torch.allclose(conf, logits.softmax(-1).amax(-1).double())
+    assert torch.equal(tokens, logits.argmax(-1)) and torch.allclose(conf, logits.softmax(-1).amax(-1))
+    for tiny in (1e-310, 1e-45, 1e-38):     # the division overflows: temperature 0, the same tokens and confidences
+        same = mdlm.propose(logits * 30, tiny, generator=torch.Generator().manual_seed(1))
+        assert all(torch.equal(a, b) for a, b in zip(same, mdlm.propose(logits * 30, 0))), tiny
 
 def test_proposals_follow_the_model_distribution():
     logits = torch.log(torch.tensor([[[0.7, 0.2, 0.1]]])).expand(1, 20000, 3)
     tokens, conf = mdlm.propose(logits, 1.0, 1.0, torch.Generator().manual_seed(0))
     freq = torch.bincount(tokens[0], minlength=3).double() / 20000
     assert torch.allclose(freq, torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64), atol=0.015)
-    assert torch.allclose(conf[0], torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64)[tokens[0]])
+    assert torch.allclose(conf[0], torch.tensor([0.7, 0.2, 0.1])[tokens[0]])
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
     logits = torch.log(torch.tensor([[[0.5, 0.3, 0.15, 0.05]]])).expand(1, 20000, 4)
     tokens, conf = mdlm.propose(logits, 1.0, 0.75, torch.Generator().manual_seed(0))
     freq = torch.bincount(tokens[0], minlength=4).double() / 20000
     assert torch.allclose(freq, torch.tensor([0.625, 0.375, 0, 0], dtype=torch.float64), atol=0.015)
-    assert torch.allclose(conf[0, tokens[0] == 0], torch.tensor(0.625, dtype=torch.float64)), 'renormalised'
+    assert torch.allclose(conf[0, tokens[0] == 0], torch.tensor(0.625)), 'renormalised'
     tiny, conf = mdlm.propose(logits, 1.0, 1e-6, torch.Generator().manual_seed(1))
     assert (tiny == 0).all() and torch.allclose(conf, torch.ones_like(conf)), 'the top token always stays'
 
@@ -751,13 +754,20 @@ def test_eval_exact_prints_the_bound_and_both_orders_on_the_same_windows(trained
     assert mdlm.main(['--eval', '--exact', '--eval-iters', '2', '--out-dir', trained]) == 0
     out = capsys.readouterr().out
     rows = dict(re.findall(r'(?m)^  (nelbo \(bound\)|exact, left to right|exact, surest first) +([0-9.]+)', out))
-    assert len(rows) == 3 and 'the first 2 of those batches (16 windows)' in out, out
+    gaps = dict(re.findall(r'(?m)^  (exact, left to right|exact, surest first) .*minus the bound: ([-+0-9.]+)', out))
+    assert len(rows) == 3 and len(gaps) == 2 and 'the first 2 of those batches (16 windows)' in out, out
     model, tok = mdlm.load_model(trained)[:2]
     val = mdlm.split_data(mdlm.load_text(DATA), tok)[1]
-    assert rows['exact, left to right'] == f'{mdlm.estimate_loss(model, val, 2, 8, per_seq=mdlm.exact_nll)[0]:.4f}'
+    exact = mdlm.estimate_loss(model, val, 2, 8, per_seq=mdlm.exact_nll)[0]
+    assert rows['exact, left to right'] == f'{exact:.4f}'
     surest = lambda model, x0: mdlm.exact_nll(model, x0, mdlm.surest)
     assert rows['exact, surest first'] == f'{mdlm.estimate_loss(model, val, 2, 8, per_seq=surest)[0]:.4f}'
-    assert rows['nelbo (bound)'] == f'{mdlm.estimate_loss(model, val, 2, 8)[0]:.4f}', 'the bound on the same windows'
+    noise = torch.Generator().manual_seed(mdlm.EVAL_SEED + 1)     # the bound: 16 mask draws a window, averaged
+    draws = lambda model, x0: torch.stack([mdlm.nelbo_per_seq(model, x0, noise)
+                                           for _ in range(mdlm.EXACT_DRAWS)]).mean(0)
+    bound = mdlm.estimate_loss(model, val, 2, 8, per_seq=draws)[0]
+    assert rows['nelbo (bound)'] == f'{bound:.4f}', 'the bound on the same windows'
+    assert float(gaps['exact, left to right']) == pytest.approx(exact - bound, abs=2e-4), 'paired: exact minus bound'
 
 def run_as_a_notebook(src, monkeypatch):
     """Every '# %%' cell of src in order, as a Jupyter kernel runs them (no __file__, ipykernel loaded)."""
@@ -847,7 +857,7 @@ def test_train_fraction_trains_and_evaluates_on_the_first_part(tmp_path, capsys)
                       '--out-dir', out, *TINY]) == 0
     train_data, val_data = mdlm.split_data(mdlm.load_text(DATA), mdlm.Tokenizer(sorted(set(mdlm.load_text(DATA)))))
     n = int(0.01 * len(train_data))
-    assert f'{n:,} training chars' in capsys.readouterr().err
+    assert f'{n:,} training chars' in capsys.readouterr().out
     assert mdlm.load_checkpoint(os.path.join(out, 'ckpt.pt'))['args']['train_fraction'] == 0.01
     assert mdlm.main(['--eval', '--eval-iters', '2', '--out-dir', out]) == 0
     printed = dict(re.findall(r'(?m)^(val|train)(?: \(its first 0.01\))? nelbo: ([0-9.]+)', capsys.readouterr().out))
@@ -866,7 +876,7 @@ def test_the_best_checkpoint_is_kept_beside_the_latest(tmp_path, monkeypatch, ca
     assert mdlm.main(['--train', '--max-iters', '6', '--eval-interval', '2', '--out-dir', out, *TINY]) == 0
     best, last = (mdlm.load_checkpoint(os.path.join(out, *p)) for p in (('best', 'ckpt.pt'), ('ckpt.pt',)))
     assert (best['iter'], best['best_val'], last['iter'], last['best_val']) == (2, 2.0, 6, 2.0)
-    assert 'best val nelbo 2.0000' in capsys.readouterr().err
+    assert 'best val nelbo 2.0000' in capsys.readouterr().out
     assert sorted(os.listdir(out)) == ['best', 'ckpt.pt', 'log.csv'], 'no temporary file left'
     vals = iter([2.2, 2.1])                                    # resumed: steps 8 and 10, no new best
     assert mdlm.main(['--train', '--resume', '--max-iters', '10', '--out-dir', out, *TINY]) == 0
@@ -883,19 +893,52 @@ def test_interrupt_and_resume_equals_uninterrupted(tmp_path):
     straight, cut = tmp_path / 'straight', tmp_path / 'cut'
     assert mdlm.main([*args, '--out-dir', str(straight)]) == 0
     p = subprocess.Popen([sys.executable, os.path.join(HERE, 'mdlm.py'), *args, '--out-dir', str(cut)],
-                         stderr=subprocess.PIPE, text=True, cwd=HERE)
-    for line in p.stderr:                       # interrupt once training is under way
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+    for line in p.stdout:                       # interrupt once training is under way
         if line.startswith('step 30 | loss'):
             p.send_signal(signal.SIGINT)
             break
     rest = p.stderr.read()
     assert p.wait(timeout=60) == 130 and 'Traceback' not in rest and '--resume' in rest, rest
+    assert 'stopping: saving the weights' in rest, 'the first Ctrl-C is answered at once'
+    assert f'--resume --out-dir {cut} --device cpu' in rest, 'the hint repeats the flags it needs'
     assert 30 <= torch.load(cut / 'ckpt.pt', weights_only=True)['iter'] < 60
     assert mdlm.main([*args, '--out-dir', str(cut), '--resume']) == 0
     a, b = (torch.load(d / 'ckpt.pt', weights_only=True) for d in (straight, cut))
     assert b['iter'] == 60 and all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
     assert open(straight / 'log.csv').read().splitlines()[-1].split(',')[:3] == \
         open(cut / 'log.csv').read().splitlines()[-1].split(',')[:3]
+
+def test_ctrl_c_cuts_an_eval_short_and_a_second_exits_at_once(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during an evaluation: it stops at once, the step's weights are saved, exit 130. A second
+    Ctrl-C, here during that save, exits at once, and the checkpoint saved before stays loadable."""
+    real_estimate, real_save, calls = mdlm.estimate_loss, mdlm.save_checkpoint, []
+    def slow_eval(*a, **k):                     # the second evaluation, at step 2, is cut by Ctrl-C
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(30)
+            pytest.fail('the evaluation went on')
+        return real_estimate(*a, **k)
+    monkeypatch.setattr(mdlm, 'estimate_loss', slow_eval)
+    out = tmp_path / 'run'
+    with pytest.raises(SystemExit) as e:
+        mdlm.main(['--train', '--max-iters', '4', '--eval-interval', '2', '--out-dir', str(out), *TINY])
+    assert e.value.code == 130 and 'stopping: saving the weights' in capsys.readouterr().err
+    assert mdlm.load_checkpoint(str(out / 'ckpt.pt'))['iter'] == 2, 'the step\'s weights'
+    assert [r.split(',')[0] for r in open(out / 'log.csv').read().splitlines()[1:]] == ['0'], 'no half-done eval'
+    def second(path, ckpt):                     # a second Ctrl-C while the next save writes
+        os.kill(os.getpid(), signal.SIGINT)
+        real_save(path, ckpt)
+    monkeypatch.setattr(mdlm, 'estimate_loss', real_estimate)
+    def first(path, ckpt):                      # the first Ctrl-C, while the step-4 eval saves
+        os.kill(os.getpid(), signal.SIGINT)
+        monkeypatch.setattr(mdlm, 'save_checkpoint', second)
+        real_save(path, ckpt)
+    monkeypatch.setattr(mdlm, 'save_checkpoint', first)
+    assert mdlm.main(['--train', '--resume', '--max-iters', '8', '--out-dir', str(out), *TINY]) == 130
+    assert 'interrupted' in capsys.readouterr().err
+    assert mdlm.load_checkpoint(str(out / 'ckpt.pt'))['iter'] in (2, 3), 'a checkpoint that loads'
 
 def test_resume_keeps_the_saved_settings_reports_changes_and_refuses_what_does_not_fit(trained, tmp_path,
                                                                                          monkeypatch, capsys):
@@ -908,7 +951,7 @@ def test_resume_keeps_the_saved_settings_reports_changes_and_refuses_what_does_n
     monkeypatch.setattr(mdlm, 'weighted_batch', lambda *a: seen.setdefault('proposal', a[5]) and real(*a))
     assert mdlm.main(['--train', '--resume', '--out-dir', str(out), '--device', 'cpu', '--max-iters', '42',
                       '--lr', '1e-3']) == 0
-    err = capsys.readouterr().err
+    err = capsys.readouterr().out
     assert 'resuming from' in err and 'max_iters: 40 -> 42' in err and 'lr: 0.003 -> 0.001' in err, err
     assert 'batch_size' not in err, 'settings not given again keep their saved values'
     saved = torch.load(out / 'ckpt.pt', weights_only=True)
@@ -934,7 +977,7 @@ def test_ddp_two_processes_match_one_process_with_twice_the_batch(tmp_path):
                                      'mdlm.py'), *common, '--batch-size', '4', '--out-dir', str(tmp_path / 'ddp')],
                        capture_output=True, text=True, timeout=120, cwd=HERE, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stderr.count('| preset') == 1, 'only rank 0 logs'
+    assert r.stdout.count('| preset') == 1, 'only rank 0 logs'
     assert mdlm.main([*common, '--batch-size', '8', '--out-dir', str(tmp_path / 'one')]) == 0
     a, b = (torch.load(tmp_path / d / 'ckpt.pt', weights_only=True)['model'] for d in ('ddp', 'one'))
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
@@ -944,6 +987,30 @@ def test_ddp_two_processes_match_one_process_with_twice_the_batch(tmp_path):
         t = mdlm.rank_rows(batch, rank, 2)[3]
         assert len(t) == 32 and t.min() < 0.1 and t.max() > 0.9, 'every rank sees the whole range of k'
     assert sorted(torch.cat([mdlm.rank_rows(batch, r, 2)[3] for r in range(2)]).tolist()) == sorted(batch[3].tolist())
+
+FAILING_RANK = """
+import os, sys
+sys.path.insert(0, {here!r})
+import mdlm
+real = mdlm.save_checkpoint
+def failing(path, ckpt):            # rank 0's disk fills at step 2
+    if ckpt['iter'] >= 2:
+        raise OSError(28, 'No space left on device', path)
+    real(path, ckpt)
+mdlm.save_checkpoint = failing
+sys.exit(mdlm.main(sys.argv[1:]))
+"""
+
+def test_an_error_on_one_rank_stops_every_rank_within_seconds(tmp_path):
+    (script := tmp_path / 'failing.py').write_text(FAILING_RANK.format(here=HERE))
+    argv = ['--train', '--max-iters', '40', '--eval-interval', '2', '--eval-iters', '1', *TINY[:8], '--batch-size', '4',
+            *TINY[10:], '--out-dir', str(tmp_path / 'out')]
+    tic = time.time()
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        str(script), *argv], capture_output=True, text=True, timeout=120, cwd=HERE,
+                       env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert r.returncode != 0 and time.time() - tic < 60, r.stderr[-2000:]
+    assert 'error: No space left on device' in r.stderr and 'rank 1 stops because another rank failed' in r.stderr
 
 def test_a_second_train_never_destroys_the_first(tmp_path, capsys):
     """--train into a folder that holds a run is refused, and nothing there changes; --overwrite starts over."""
@@ -1046,7 +1113,8 @@ def test_narrow_blanks_have_their_own_form(tok):
 def test_damaged_checkpoints_are_refused(trained, tmp_path, capsys):
     good = open(os.path.join(trained, 'ckpt.pt'), 'rb').read()
     keys = {'format': mdlm.FORMAT, 'model': {}, 'config': {}}
-    cases = [(good[:len(good) // 2], 'not a loadable checkpoint'), (b'hello world\n', 'not a loadable checkpoint'),
+    cases = [(good[:len(good) // 2], 'not a loadable checkpoint ('),
+             (b'hello world\n', 'not a loadable checkpoint (not a file that torch.save wrote)'),
              ({'model': {}, 'step': 3}, 'not an mdlm checkpoint'), (keys, 'not an mdlm checkpoint'),
              ({**keys, 'format': 'mdlm-3'}, f'saved by an earlier mdlm.py (mdlm-3; this one reads {mdlm.FORMAT})')]
     for i, (content, needle) in enumerate(cases):     # an earlier network: its weights would load into another
@@ -1054,6 +1122,24 @@ def test_damaged_checkpoints_are_refused(trained, tmp_path, capsys):
         path.write_bytes(content) if isinstance(content, bytes) else torch.save(content, path)
         assert mdlm.main(['--sample', '--out-dir', str(tmp_path / str(i)), '--device', 'cpu']) == 1
         assert needle in capsys.readouterr().err
+    shutil.copytree(trained, tmp_path / 'run')                  # a damaged ckpt.pt beside a good best/
+    (tmp_path / 'run' / 'ckpt.pt').write_bytes(good[:1000])
+    assert mdlm.main(['--sample', '--out-dir', str(tmp_path / 'run'), '--device', 'cpu']) == 1
+    assert f'try its best checkpoint: --out-dir {tmp_path / "run" / "best"}' in capsys.readouterr().err
+
+def test_a_bad_out_dir_is_found_before_any_work_and_leaves_nothing(tmp_path, capsys):
+    """A file, an unwritable path, or a ckpt.pt that is a folder (even with --overwrite): one line naming
+    it, before the data is read (here it does not exist), and nothing left behind."""
+    (tmp_path / 'afile').write_text('x')
+    (tmp_path / 'run' / 'ckpt.pt').mkdir(parents=True)
+    gone = ['--data', str(tmp_path / 'no-such-text.txt')]
+    for argv, needle in ((['--out-dir', str(tmp_path / 'afile')], 'is a file, not a folder'),
+                         (['--out-dir', '/proc/mdlm-nope'], 'cannot write to --out-dir /proc/mdlm-nope'),
+                         (['--out-dir', str(tmp_path / 'run'), '--overwrite'], 'ckpt.pt is not a file')):
+        assert mdlm.main(['--train', '--max-iters', '1', *argv, *TINY[:-2], *gone]) == 1
+        err = capsys.readouterr().err
+        assert needle in err and 'no data file' not in err, err
+    assert sorted(os.listdir(tmp_path)) == ['afile', 'run'] and os.listdir(tmp_path / 'run') == ['ckpt.pt']
 
 class Evil:
     def __reduce__(self):
@@ -1144,7 +1230,7 @@ def test_cli_gpt_modes(trained_gpt, tmp_path, capsys):
                       'cpu']) == 0
     ckpt = mdlm.load_checkpoint(str(tmp_path / 'g' / 'ckpt.pt'))
     assert ckpt['iter'] == 42 and ckpt['config']['causal'] and not ckpt['config']['use_time']
-    assert ckpt['args']['decay_frac'] == 0.2 and 'val nll' in capsys.readouterr().err
+    assert ckpt['args']['decay_frac'] == 0.2 and 'val nll' in capsys.readouterr().out
 
 def test_gpt_generate_writes_left_to_right_past_the_context():
     gpt = tiny_gpt(block_size=8)
@@ -1161,7 +1247,7 @@ REFUSALS = [
     (['--complete', 'hello @ caf\u00e9', '--out-dir', '{d}'], "'@' '\u00e9'"),
     (['--complete', '', '--out-dir', '{d}'], 'the prompt is empty'),
     (['--infill', 'no blank', '--out-dir', '{d}'], 'no blank'),
-    (['--sample', '--out-dir', '{tmp}/none'], 'python mdlm.py --train'),
+    (['--sample', '--out-dir', '{tmp}/none'], '--train --out-dir '),
     (['--sample', '--out-dir', '{d}', '--device', 'tpu'], 'not a device of this machine'),
     (['--sample', '--out-dir', '{d}', '--device', 'cuda:63'], 'not a device of this machine'),
     (['--train', '--n-embd', '30', '--n-head', '4', '--data', DATA], '--n-embd 30 must split'),
@@ -1170,12 +1256,27 @@ REFUSALS = [
     (['--train', '--resume', '--gpt', '--out-dir', '{d}'], 'cannot resume with causal True'),
     (['--train', '--gpt', '--max-iters', '1', '--out-dir', '{d}', *TINY], 'continue it with --resume'),
     (['--train', '--max-iters', '1', '--out-dir', '{g}', *TINY], 'start over, replacing it, with --overwrite'),
-    (['--sample', '--overwrite', '--out-dir', '{d}'], '--overwrite starts a --train over'),
+    (['--sample', '--overwrite', '--out-dir', '{d}'], '--overwrite does nothing with --sample: it is for --train'),
+    (['--train', '--resume', '--overwrite', '--out-dir', '{d}'], '--overwrite starts a --train over'),
+    (['--infill', 'x [99999999999999999999] y', '--out-dir', '{d}'], 'the blank [9999999999...] makes the text longer'),
+    (['--infill', 'x [10000000000] y', '--out-dir', '{d}'], 'the blank [10000000000] makes the text longer'),
+    (['--infill', 'x [999999] y [999999]', '--out-dir', '{d}'], 'the blank [999999] makes the text longer'),
+    (['--infill', 'To [___] be', '--num-samples', '100000', '--out-dir', '{d}'], '100000 copies of a text of 11'),
+    (['--infill', 'To [___] be', '--length', '5', '--out-dir', '{d}'], '--length does nothing with --infill'),
+    (['--eval', '--rule', 'random', '--out-dir', '{d}'], '--rule does nothing with --eval: it is for --sample'),
+    (['--sample', '--gpt', '--out-dir', '{d}'], '--gpt does nothing with --sample: it is for --train'),
+    (['--sample', '--data', DATA, '--out-dir', '{d}'], '--data does nothing with --sample'),
+    (['--train', '--num-samples', '2', '--out-dir', '{tmp}/x', *TINY], '--num-samples does nothing with --train'),
+    (['--sample', '--rule', 'random', '--out-dir', '{g}'], '--rule is for a diffusion model'),
+    (['--complete', 'a', '--steps', '3', '--out-dir', '{g}'], '--steps is for a diffusion model'),
+    (['--sample', '--semi-ar', '3', '--out-dir', '{g}'], '--semi-ar is for a diffusion model'),
+    (['--eval', '--exact', '--out-dir', '{g}'], "a GPT's --eval is exact already"),
+    (['--sample', '--out-dir', '{d}/ckpt.pt'], 'is a file: give the folder that holds ckpt.pt'),
     (['--infill', 'To [0] or not', '--out-dir', '{d}'], 'a blank of no characters'),
     (['--sample', '--num-samples', '2000', '--length', '1000', '--out-dir', '{d}'], 'more than 1,000,000 characters'),
     (['--train', '--max-iters', '1', '--out-dir', '/proc/mdlm-cannot-write-here', *TINY], 'mdlm-cannot-write-here'),
     (['--infill', 'To [___] or not', '--out-dir', '{g}'], 'cannot fill blanks'),
-    (['--sample', '--exact', '--out-dir', '{d}'], '--exact for --eval'),
+    (['--sample', '--exact', '--out-dir', '{d}'], '--exact does nothing with --sample: it is for --eval'),
     (['--eval', '--out-dir', '{d}', '--data', '{tmp}/curly.txt'], "'{'"),
     (['--train', '--train-fraction', '1e-5', '--out-dir', '{tmp}/x', *TINY], 'leaves 10 characters; a window needs 33'),
 ]
@@ -1193,7 +1294,7 @@ def test_refusals_are_one_line(argv, needle, trained, trained_gpt, tmp_path, cap
     '--sample --steps 0', '--sample --steps -3', '--sample --length -3', '--sample --num-samples 0', '--train --bogus',
     '--train --batch-size 0', '--train --dropout 1.5', '--sample --top-p 0', '--sample --temperature nan',
     f'--sample --seed {2 ** 70}', '--train --train-fraction 0', '--train --train-fraction 1.5', '--train --sample',
-    '--sample --top 3')])
+    '--sample --top 3', '--sample --steps 1000000000', '--eval --eval-iters 1000000000', '--train --eval-iters 20000')])
 def test_cli_argument_errors(argv, capsys):
     with pytest.raises(SystemExit) as e:
         mdlm.main(argv)
@@ -1218,3 +1319,65 @@ def test_bf16_training_step_and_sampling_on_cpu(text, tok, monkeypatch):
         assert torch.get_autocast_dtype('cpu') == torch.bfloat16 and torch.is_autocast_enabled('cpu')
         out = mdlm.generate(model.eval(), torch.full((2, 32), MASK), sampler(steps=4), torch.Generator().manual_seed(0))
     assert not (out == MASK).any()
+
+def test_training_and_evaluation_draw_on_the_cpu_whatever_the_device(monkeypatch, tok, text):
+    """Windows, counts and masks come from CPU generators and are then moved: the same on every device."""
+    seen, real_rand, real_randint = [], torch.rand, torch.randint
+    monkeypatch.setattr(torch, 'rand', lambda *a, **k: seen.append(k.get('device')) or real_rand(*a, **k))
+    monkeypatch.setattr(torch, 'randint', lambda *a, **k: seen.append(k.get('device')) or real_randint(*a, **k))
+    data = torch.tensor(tok.encode(text[:10000]))
+    mdlm.weighted_batch(data, 8, 32, MASK, torch.Generator().manual_seed(0))
+    mdlm.estimate_loss(tiny_model(), data, 2, 8)
+    assert len(seen) >= 6 and set(seen) == {None}, 'no draw names a device: each is made on the CPU'
+
+def test_evaluation_turns_tf32_off_and_resume_compares_the_precision(tmp_path, monkeypatch, capsys):
+    flags, real = [], mdlm.estimate_loss
+    monkeypatch.setattr(mdlm, 'estimate_loss', lambda *a, **k: flags.append(torch.backends.cuda.matmul.allow_tf32)
+                        or real(*a, **k))
+    out = str(tmp_path / 'run')
+    assert mdlm.main(['--train', '--max-iters', '2', '--eval-interval', '2', '--out-dir', out, *TINY]) == 0
+    assert flags and not any(flags) and torch.backends.cuda.matmul.allow_tf32, 'off while evaluating, on after'
+    assert mdlm.load_checkpoint(os.path.join(out, 'ckpt.pt'))['args']['dtype'] == 'float32', 'saved as what it is'
+    argv = ['--train', '--resume', '--max-iters', '3', '--out-dir', out, '--device', 'cpu']
+    assert mdlm.main([*argv, '--dtype', 'bfloat16']) == 0 and 'dtype: float32 -> bfloat16' in capsys.readouterr().out
+    assert mdlm.main([*argv[:3], '4', *argv[4:]]) == 0
+    assert mdlm.load_checkpoint(os.path.join(out, 'ckpt.pt'))['args']['dtype'] == 'bfloat16', 'kept when not given'
+    monkeypatch.setattr(os.path, 'relpath', lambda *a: (_ for _ in ()).throw(ValueError('another drive')))
+    assert mdlm.data_ref('input.txt') == os.path.abspath('input.txt'), 'across Windows drives: the absolute path'
+
+def test_a_kill_between_the_log_and_the_save_leaves_no_step_twice(tmp_path, capsys):
+    out = tmp_path / 'run'
+    argv = ['--train', '--eval-interval', '2', '--out-dir', str(out), *TINY]
+    assert mdlm.main([*argv, '--max-iters', '2']) == 0
+    at_2 = (out / 'ckpt.pt').read_bytes()
+    assert mdlm.main([*argv, '--max-iters', '4', '--resume']) == 0
+    (out / 'ckpt.pt').write_bytes(at_2)          # as if killed after step 4's log line, before its save
+    assert mdlm.main([*argv, '--max-iters', '4', '--resume']) == 0
+    steps = [r.split(',')[0] for r in (out / 'log.csv').read_text().splitlines()[1:]]
+    assert steps == ['0', '2', '4'], steps
+
+def test_a_waiting_user_sees_progress_and_samples(trained, tmp_path, monkeypatch, capsys):
+    """Step lines from the first steps, one sample line at each eval (without moving the figures: the
+    same weights as a run that prints none), and model passes reported during a long --eval."""
+    out = str(tmp_path / 'run')
+    monkeypatch.setattr(mdlm, 'show_sample', lambda run: None)
+    assert mdlm.main(['--train', '--max-iters', '40', '--eval-interval', '20', '--out-dir', out, *TINY]) == 0
+    assert 'sample | ' not in capsys.readouterr().out
+    monkeypatch.undo()
+    assert mdlm.main(['--train', '--max-iters', '40', '--eval-interval', '20', '--out-dir', out + '2', *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert 'step 1 | loss' in printed and 'step 10 | loss' in printed and printed.count('\nsample | ') == 3
+    a, b = (torch.load(os.path.join(d, 'ckpt.pt'), weights_only=True)['model'] for d in (out, out + '2'))
+    assert all(torch.equal(a[k], b[k]) for k in a), 'the samples draw on their own generator'
+    model = mdlm.load_model(trained)[0]
+    with mdlm.reporting(model, '--eval, val', total=3, every=0.0):
+        for _ in range(3):
+            model(torch.full((1, 8), MASK), torch.ones(1))
+    assert '--eval, val: 3 of 3 model passes' in capsys.readouterr().err
+
+def test_a_temperature_too_small_to_divide_by_is_temperature_zero(trained, capsys):
+    outs = []
+    for temperature in ('0', '1e-310'):
+        assert mdlm.main(['--sample', '--temperature', temperature, '--out-dir', trained]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and mdlm.MASK_GLYPH not in outs[0]
