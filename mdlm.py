@@ -368,7 +368,7 @@ def train_step(model, optimizers, batch, lr, loss_fn=batch_loss):
     model.zero_grad(set_to_none=True)
     return loss.detach()
 
-if NOTEBOOK:   # demo: train the tiny model for DEMO_ITERS steps with AdamW (at 2e-3: the preset's 3e-3 is Muon's)
+if NOTEBOOK:   # demo: train the tiny model for DEMO_ITERS steps with AdamW (at 2e-3: the presets' rates suit section 11's Muon)
     batch_size, block_size = PRESETS['tiny']['batch_size'], PRESETS['tiny']['block_size']
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.99), weight_decay=0.1)
     for it in range(DEMO_ITERS):
@@ -471,8 +471,8 @@ if NOTEBOOK:   # demo: continue a prompt; fill a blank from both sides
 # each window's cross-entropy divided by k (LLaDA's likelihood estimator). The notebook's demo
 # (1000 AdamW steps) printed val NELBO 2.376 +- 0.030 below. The default run's tiny model, trained
 # with Part 2's upgrades, is far better: `python mdlm.py --eval` printed
-#   val nelbo: 1.8504 nats/char (2.6695 bits/char) +- 0.0096 (standard error, 100 batches of 32
-#   windows of 64); perplexity <= 6.362 (an upper bound: the NELBO bounds -log p)
+#   val nelbo: 1.8533 nats/char (2.6737 bits/char) +- 0.0092 (standard error, 100 batches of 32
+#   windows of 64); perplexity <= 6.381 (an upper bound: the NELBO bounds -log p)
 # The perplexity bound is an estimate, with its standard error, of a bound on section 5's model.
 
 @torch.no_grad()
@@ -512,8 +512,17 @@ if NOTEBOOK:   # demo: the trained model's bound on held-out text
     print(f'val NELBO {nelbo:.3f} +- {se:.3f} nats/char: perplexity <= {math.exp(nelbo):.2f}')
 
 # %% ======================= THE CORE IS COMPLETE ==================================================
-# Sections 1-9 are a whole MDLM. Part 2 below holds the upgrades that the defaults use, each a cell
-# that says what it changes, why, and what it bought. Nothing above uses anything below.
+# Sections 1-9 are a whole MDLM. Part 2 below holds what the command line adds to it: the upgrades
+# that the defaults use (10, 11, 12, 15), a baseline sampler (13), the exact likelihoods (14), the
+# GPT that serves as the yardstick (16), and text longer than the context (17). Each cell says what
+# it changes, why, and what was measured, with the command or the lab/README.md section that
+# measured it. Nothing above uses anything below. The command line names a sampler by three flags:
+# --rule, which hidden positions a pass reveals (random: section 7; ancestral: 13; surest: 14;
+# confidence: 15); --steps, the passes a block takes; --semi-ar N, blocks of N masks filled left to
+# right (section 15; 0: all the masks in one block). Samplers are compared "judged": the GPT twin
+# (section 16) reads each written text and reports the bits per character it finds, given the text
+# before each character; lower reads more like the play. Beside it stands the text's unigram
+# entropy, the bits per character of its character counts: text that repeats itself also judges well.
 # ================================================================================================
 
 # %% 10. Upgrade: the cosine proposal --------------------------------------------------------------
@@ -525,8 +534,11 @@ if NOTEBOOK:   # demo: the trained model's bound on held-out text
 # worth drawing more often. The cosine proposal maps the same stratified u to t = 1 - cos(pi u / 2)
 # and k = ceil(tL). Its distribution function is F(s) = P(t <= s) = (2 / pi) acos(1 - s), so
 # q(k) = F(k / L) - F((k - 1) / L).
-# Bought: logged val 2.038 / 2.043 on two seeds against 2.055 / 2.068 for uniform k, at 2000 steps
-# (lab/README.md, commit b9af769): python lab/lab.py --recipe t_proposal=uniform -- --train --max-iters 2000
+# ("Logged val": the held-out bound that a training run logs at its end, section 9's estimator on
+# the preset's eval_iters batches.)
+# Measured: logged val 2.038 / 2.043 on two seeds against 2.055 / 2.068 for uniform k, at 2000 steps
+# and an earlier commit (lab/README.md, "Exact mask counts"; today's command:
+# python lab/lab.py --recipe t_proposal=uniform -- --train --max-iters 2000).
 
 def draw_t_cosine(batch_size, L, generator, device):
     """t = k / L (B,), k from the cosine proposal, and each row's importance weight 1 / (L q(k))."""
@@ -536,7 +548,7 @@ def draw_t_cosine(batch_size, L, generator, device):
     cdf = lambda s: (2 / math.pi) * torch.acos(1 - s)               # F(s) = P(cosine t <= s)
     return k / L, 1 / (L * (cdf(k / L) - cdf((k - 1) / L)))
 
-# RECIPE['t_proposal'] picks one; uniform is section 5's draw, each weight 1
+# The recipe (section 11) picks one by name; uniform is section 5's draw, each weight 1
 PROPOSALS = {'uniform': lambda B, L, g, device: (draw_t(B, L, g, device), torch.ones(B, device=device)),
              'cosine': draw_t_cosine}
 
@@ -555,22 +567,23 @@ def weighted_loss(model, x0, xt, mask, t, weight):
 # %% 11. Upgrade: Muon -----------------------------------------------------------------------------
 # Changes: the optimizer of the blocks' weight matrices (section 6's demo uses AdamW for all).
 # Why: AdamW scales each weight's step by that weight's own gradient history. Muon (K. Jordan,
-# 2024) treats a matrix as a whole. It keeps a momentum of the gradients, B = mu B + G, and steps
-# along G + mu B (Nesterov momentum: the gradient plus where the momentum is going). Before the
-# step it replaces that matrix, U S V^T, by U V^T: every singular value set to 1. The step then
-# moves every direction that the matrix maps by the same amount, not mostly the few directions
-# where the gradient is large. Newton-Schulz gets U V^T without an SVD: scale the matrix so that
-# its singular values are at most 1, then apply five times X <- a X + (b X X^T + c (X X^T)^2) X.
-# Each round maps every singular value s to a s + b s^3 + c s^5, and K. Jordan's coefficients
-# (a, b, c) push all of them near 1 fast. An orthogonal step of an m x n matrix has entries of size
+# 2024) treats a matrix as a whole. It keeps a momentum of the gradients G, m = mu m + G, and steps
+# along G + mu m (Nesterov momentum: the gradient plus where the momentum is going). Before the
+# step it keeps that matrix's singular vectors and sets its singular values to about 1. The step
+# then moves every direction that the matrix maps by about the same amount, not mostly the few
+# directions where the gradient is large. Newton-Schulz does it without an SVD: scale the matrix so
+# that its singular values are at most 1, then apply five times X <- a X + (b X X^T + c (X X^T)^2) X.
+# Each round maps every singular value s to a s + b s^3 + c s^5. K. Jordan's coefficients (a, b, c)
+# push them fast into a band around 1 (about 0.7 to 1.2), not onto 1 exactly: near enough for a step. An orthogonal step of an m x n matrix has entries of size
 # about 1 / sqrt(max(m, n)); the factor 0.2 sqrt(max(m, n)) brings it to AdamW's typical step
 # size, so one learning rate serves both. AdamW keeps the embedding (tied to the head), the time
 # input, the adaLN layers, the gains and the biases.
-# Bought: logged val 2.056 against AdamW's 2.191 at 2000 steps (lab/README.md, "The faster
-# learner"): python lab/lab.py --recipe optimizer=adamw -- --train --max-iters 2000 --no-time --lr 2e-3
+# Measured: at equal wall time, 0.064 to 0.067 nats lower logged val than AdamW at its best swept
+# learning rate (lab/README.md, "The faster learner"; AdamW: python lab/lab.py --recipe optimizer=adamw
+# -- --train --max-iters 2000 --lr 2e-3).
 
 def orthogonalize(G, steps=5, dtype=torch.float32):
-    """About U V^T for G = U S V^T, for each matrix of a stack (..., m, n): Newton-Schulz in `dtype`."""
+    """G with its singular values moved near 1, for each matrix of a stack (..., m, n): Newton-Schulz in `dtype`."""
     tall = G.size(-2) > G.size(-1)               # iterate on the wide side: X X^T is the smaller one
     X = G.mT if tall else G
     X = (X / (G.norm(dim=(-2, -1), keepdim=True) + 1e-7)).to(dtype)   # singular values <= 1
@@ -593,8 +606,8 @@ class Muon(torch.optim.Optimizer):
                 if 'momentum_buffer' not in self.state[p]:
                     self.state[p]['momentum_buffer'] = torch.zeros_like(p)
                 buf = self.state[p]['momentum_buffer']
-                buf.mul_(mu).add_(p.grad)                                        # B = mu B + G
-                by_shape.setdefault(p.shape, []).append((p, p.grad + mu * buf))  # Nesterov: G + mu B
+                buf.mul_(mu).add_(p.grad)                                        # m = mu m + G
+                by_shape.setdefault(p.shape, []).append((p, p.grad + mu * buf))  # Nesterov: G + mu m
             for shape, pairs in by_shape.items():
                 updates = orthogonalize(torch.stack([u for _, u in pairs]), dtype=self.ns_dtype)
                 for (p, _), o in zip(pairs, updates):
@@ -617,22 +630,22 @@ RECIPE = dict(min_lr=1e-4, warmup_iters=100, decay_frac=0.5, weight_decay=0.1, o
               t_proposal='cosine', loss='nelbo')
 LOSSES = {'nelbo': weighted_loss}   # RECIPE['loss'] picks one; the lab adds the pooled loss, 'naive'
 
-# %% 12. Upgrade: temperature, nucleus, and float64 Gumbel noise -----------------------------------
+# %% 12. Upgrade: temperature and nucleus --------------------------------------------------------
 # Changes: how the sampler draws a character (section 7 draws from the plain softmax).
 # Why: temperature divides the logits (below 1: safer text; 0: always the likeliest character),
 # and the nucleus (top_p) draws only among the likeliest characters whose chances sum to top_p.
 # The draw is Gumbel-max: argmax(logits - log(-log u)), u uniform, lands on each character with its
-# softmax probability. Its noise is made in float64: in float32 the noise is coarse near its
-# extremes, and rare characters come up too seldom, which cools the samples (Zheng et al. 2024).
-# Bought: the flags --temperature and --top-p (the sampler frontier in lab/README.md measures
-# them); float64 keeps draws faithful, and was not measured against float32 here.
+# softmax probability. (Zheng et al. 2024: float32 noise under-draws rare tokens of a large
+# vocabulary; here a float32 u under-draws only characters below about 1e-7 probability.)
+# Measured: the flags --temperature and --top-p (lab/README.md, "The samplers measured").
 
 def propose(logits, temperature=1.0, top_p=1.0, generator=None):
     """A candidate per position, drawn from softmax(logits / temperature) within the nucleus, and its
-    probability there: the confidence. Temperature 0: the argmax, scored at temperature 1."""
+    probability there: the confidence. Temperature 0: the argmax, scored at temperature 1. A temperature
+    so small that the division overflows is temperature 0."""
     logits = logits.float()
     if temperature > 0 and not (logits / temperature).amax(-1).isfinite().all():
-        temperature = 0.0           # so small that the division overflows: the limit, temperature 0
+        temperature = 0.0
     if temperature > 0:
         logits = logits / temperature
     if top_p < 1:    # drop a character once the surer ones already sum to top_p; the top one stays
@@ -652,15 +665,17 @@ def propose(logits, temperature=1.0, top_p=1.0, generator=None):
 # each character, so its reverse, from t to s = t - 1/N, flips a coin for each hidden character:
 # hidden at t, it was hidden at s with chance s / t, so it is revealed with chance (t - s) / t.
 # On the step with N - i steps left that is 1 / (N - i); the last step reveals all.
-# Why: it is the textbook sampler of MDLM's paper. A step reveals a random number of characters.
-# Its bound: MDLM's NELBO (for this linear schedule) draws t ~ U(0, 1), hides each character with
-# chance t, and weighs the window's summed cross-entropy by 1/t. Fix a count k. The chance that t
-# hides exactly k is binom(L, k) t^k (1 - t)^(L - k); integrated against 1/t over t in [0, 1] it
-# gives binom(L, k) Beta(k, L - k + 1) = 1/k. So for a model that ignores t, MDLM's bound is section
-# 5's: the cost with k hidden, weighed 1/k (MDLM, eq. 10). A model told t is told t here and k / L
-# there: two different valid bounds. Section 5's is the one that training and --eval use.
-# Bought: a baseline. Judged by the GPT twin it writes 4.13 bits/char at 64 steps, the default 2.46
-# (lab/README.md, "The samplers measured"): python lab/lab.py --frontier --judge out-gpt
+# Why: it is the textbook sampler of MDLM's paper, "ancestral" because each step draws from the
+# reverse process given the step before. A step reveals a random number of characters.
+# Its bound: MDLM's NELBO for this linear schedule (a character is hidden with chance t) draws
+# t ~ U(0, 1), hides each character with chance t, and weighs the window's summed cross-entropy by
+# 1/t. Fix a count k. The chance that t hides exactly k is binom(L, k) t^k (1 - t)^(L - k);
+# integrated against 1/t over t in [0, 1] it gives binom(L, k) Beta(k, L - k + 1) = 1/k. So for a
+# model that ignores t, MDLM's bound per character is section 5's: the cost with k hidden, weighed
+# 1/k (MDLM, eq. 10). A model told t gets two different valid bounds: MDLM's tells it the coin's t,
+# section 5's tells it k / L. Section 5's is the one that training and --eval use.
+# Measured: a baseline. Judged, it writes 3.81 bits/char at 64 steps, the default 2.41 (lab/README.md,
+# "The samplers measured"): python lab/lab.py --frontier --judge out-gpt --num-samples 16 --length 128
 
 def choose_coin(todo, n_reveal, logits, prob, steps_left, generator):
     """Each hidden position of todo (B, T) with chance 1 / steps_left; n_reveal is not used."""
@@ -669,17 +684,22 @@ def choose_coin(todo, n_reveal, logits, prob, steps_left, generator):
 
 # %% 14. Upgrade: exact likelihoods, each beside its sampler ---------------------------------------
 # Changes: what --eval --exact reports beside the bound.
-# Why: section 5's writer reveals one character a step, in a random order. Fix the order instead,
-# chosen from the visible input only (never from the hidden characters), and the payments sum to
-# -log p(x) exactly: the model is then a generator whose probabilities sum to 1 over all strings,
-# as a GPT's do. Each order is a sampler one can run:
+# Why: section 5's random-order model reveals one character a step, in a random order. Let a rule
+# choose the next position from the visible input only, and each string x has one path to it: the
+# costs along that path sum to -log p(x) exactly, and the probabilities sum to 1 over all strings,
+# as a GPT's do. (A rule that peeked at the hidden characters could pick the easy ones and report
+# too low a cost.) Each rule is a sampler one can run, at temperature 1 and top_p 1:
 #   left to right: --semi-ar 1 --steps 1 (blocks of one mask: a GPT inside the diffusion model);
 #   surest first: --rule surest --semi-ar 0 --steps L, which reveals the hidden position whose
 #     top probability is highest and draws its character from the model;
 #   the bound: --rule random --semi-ar 0 --steps L, the random order that section 5 averages over.
-# The default sampler reveals several characters a pass within blocks: it has no exact likelihood.
-# Bought: left to right 1.857 and surest first 1.843 against the bound's 1.874 on the same
-# windows (README.md): python mdlm.py --eval --exact
+# The default sampler (section 15) picks positions by the probability of randomly drawn candidates:
+# its order is random, so its p(x) is an average over orders, and no exact figure is computed for it.
+# The figures are on the first 20 of --eval's 100 val batches (640 windows), each window's bound
+# averaged over 16 mask draws: so the bound here differs from section 9's (all 100 batches, one
+# draw each). Each exact figure comes with its difference from the bound on the same windows.
+# Measured: left to right 1.8512 and surest first 1.8457 against the bound's 1.8625, differences
+# -0.0114 +- 0.0044 and -0.0168 +- 0.0050 (README.md): python mdlm.py --eval --exact
 
 def surest(logp, masked):
     """(B,): the masked position whose prediction has the highest top probability."""
@@ -715,13 +735,13 @@ def exact_nll(model, x0, order=None):
 #     row, then the next n, each block a whole run of `steps` passes.
 # With the default n = steps = 8, each pass reveals one character, inside a block of 8 that moves
 # left to right. A trace on the tiny model: positions revealed, pass by pass, in the first blocks
-#   block 1 (positions 0-7):   2, 5, 3, 7, 6, 4, 0, 1
-#   block 2 (positions 8-15):  14, 8, 9, 12, 11, 13, 10, 15
-#   block 3 (positions 16-23): 16, 19, 18, 17, 23, 20, 21, 22
+#   block 1 (positions 0-7):   5, 0, 1, 2, 7, 3, 4, 6
+#   block 2 (positions 8-15):  8, 14, 11, 9, 10, 13, 12, 15
+#   block 3 (positions 16-23): 16, 17, 22, 19, 18, 20, 21, 23
 # (python mdlm.py --sample from the default run, its first 24 passes).
-# Bought: judged by the GPT twin, 2.46 bits/char at unigram entropy 4.05, against 3.88 for the random
-# rule and 4.13 for the coin at 64 steps, one model call per character (lab/README.md, "The samplers
-# measured", commit 410a455): python lab/lab.py --frontier --judge out-gpt --num-samples 16 --length 128
+# Measured: judged 2.41 bits/char at unigram entropy 4.04, against 3.88 for the random rule and 3.81
+# for the coin at 64 steps, one model call per character (lab/README.md, "The samplers measured"):
+# python lab/lab.py --frontier --judge out-gpt --num-samples 16 --length 128
 
 def choose_confident(todo, n_reveal, logits, prob, steps_left, generator):
     """The n_reveal[b] hidden positions of row b whose drawn characters are the most probable."""
@@ -758,20 +778,12 @@ def generate(model, x, sampler=SamplerConfig(), generator=None, on_step=None):
 # %% 16. The GPT twin: the yardstick ---------------------------------------------------------------
 # The same network with causal=True and no time input is a GPT: it predicts the next character.
 # Trained on the same steps, batch and context, and scored on the same windows, it tells what the
-# freedom to write in any order costs. Its diff from the model of section 4:
-#   the attention fills the upper triangle of its scores with -inf (`attention` below writes out
-#   what the fused call computes), so position i sees only positions <= i;
+# freedom to write in any order costs; it is also the judge of the samplers' text (Part 2's
+# opening). Its diff from the model of section 4:
+#   the attention fills the upper triangle of its scores with -inf (is_causal in section 4's fused
+#   call), so position i sees only positions <= i;
 #   no time input; its input is the window shifted right by one, behind a start token.
-# Bought: the README's results table (python mdlm.py --train --gpt; --eval --out-dir out-gpt).
-
-def attention(query, key, value, causal, dropout=0.0):
-    """softmax(query key^T / sqrt(hs)) value, (B, n_head, T, hs), written out: the fused call's values."""
-    T = query.size(-2)
-    scores = (query @ key.transpose(-2, -1)) / math.sqrt(query.size(-1))   # (B, n_head, T, T)
-    if causal:                                                             # no looking right
-        above = torch.ones(T, T, dtype=torch.bool, device=query.device).triu(1)
-        scores = scores.masked_fill(above, float('-inf'))
-    return F.dropout(scores.softmax(dim=-1), dropout) @ value
+# Measured: the README's results table (python mdlm.py --train --gpt; --eval --out-dir out-gpt).
 
 def gpt_input(x0, start_id):
     """[start] + x0[:-1], with [MASK] as the start token. The GPT then predicts the same L characters
@@ -797,10 +809,10 @@ def nll_per_seq(model, x0):
 def gpt_generate(model, prefix, length, num_samples, temperature=1.0, top_p=1.0, generator=None):
     """The GPT's loop: `length` characters after `prefix` (ids), one pass each, in a sliding window
     of the start token and the last block_size - 1 characters, as in training."""
-    T, start, device = model.config.block_size, model.config.vocab_size - 1, next(model.parameters()).device
+    L, start, device = model.config.block_size, model.config.vocab_size - 1, next(model.parameters()).device
     out = torch.tensor(prefix, dtype=torch.long, device=device).repeat(num_samples, 1)   # (B, P)
     for _ in range(length):
-        x = torch.cat([torch.full((num_samples, 1), start, device=device), out[:, -(T - 1):]], 1)
+        x = torch.cat([torch.full((num_samples, 1), start, device=device), out[:, -(L - 1):]], 1)
         tokens, _ = propose(model(x, None)[:, -1], temperature, top_p, generator)   # (B,) the next char
         out = torch.cat([out, tokens[:, None]], 1)
     return out
@@ -809,7 +821,7 @@ def gpt_generate(model, prefix, length, num_samples, temperature=1.0, top_p=1.0,
 # Changes: section 8 works inside one window of L characters; these write texts of any length.
 # Completion: each window holds as much of the text so far as fits beside its masks, and at least
 # half a window of it (the first window: the prompt's last L - 1 characters at most).
-# Infilling: each blank is filled in the window of L centred on it, which holds text on both sides.
+# Infilling: each blank is filled in the window of L centred on it, which holds the text around it.
 # A blank wider than half a window is written in pieces of L / 2, the piece next to known text
 # first, in a window that holds half a window of that text, as completion does: so no pass writes
 # with nothing to read.
@@ -850,7 +862,7 @@ def infill(model, ids, num_samples, sample):
         end = n                                     # the blank runs to the next clean character
         if (rest == 0).any():
             end = start + rest.argmin().item()
-        if end - start <= half:                     # the whole blank, text on both sides
+        if end - start <= half:                     # the whole blank, with the text around it
             lo = blank_window(start, end, n, L)
             hi = lo + L
         elif start > 0:                             # a piece after the text before it
@@ -1153,11 +1165,11 @@ def start_run(args):
     run = types.SimpleNamespace(started=time.time(), it=0, best_val=float('inf'), evaluating=False,
                                 ckpt_path=os.path.join(args.out_dir, 'ckpt.pt'),
                                 best_path=os.path.join(args.out_dir, 'best', 'ckpt.pt'))
-    check_out_dir(args, run.ckpt_path)
     run.rank, run.world, device = ddp_setup(args.device)
     run.device = device
     run.log = (lambda *a: print(*a, flush=True)) if run.rank == 0 else (lambda *a: None)
     resolve(args, device)
+    check_out_dir(args, run.ckpt_path)
     # 1) the shape and the training settings: from the preset, or a resumed run's from its checkpoint
     ckpt = load_checkpoint(run.ckpt_path) if args.resume else None
     if ckpt:

@@ -180,11 +180,20 @@ def test_qk_norm_makes_attention_blind_to_the_size_of_queries_and_keys(monkeypat
         model.blocks[0].attn.qkv.weight[2 * C:] *= 10             # the value rows do matter
         assert not torch.allclose(model(x, t), ref, atol=1e-2)
 
+def attention(query, key, value, causal):
+    """softmax(query key^T / sqrt(hs)) value, written out; causal: no looking right."""
+    L = query.size(-2)
+    scores = (query @ key.transpose(-2, -1)) / math.sqrt(query.size(-1))   # (B, n_head, L, L)
+    if causal:
+        scores = scores.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float('-inf'))
+    return scores.softmax(dim=-1) @ value
+
 def test_the_formula_is_the_fused_kernel_and_a_cpu_in_bf16_uses_the_math_kernel(monkeypatch):
+    """The fused call computes the lesson's formula (and the GPT's causal one); bf16 on a CPU picks the math kernel."""
     q, k, v = torch.randn(3, 2, 3, 10, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
     for causal in (False, True):
         ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        assert torch.allclose(mdlm.attention(q, k, v, causal), ref, atol=1e-5)
+        assert torch.allclose(attention(q, k, v, causal), ref, atol=1e-5)
     monkeypatch.setattr(mdlm, 'cpu_has_bf16', lambda: True)
     model, x, t = tiny_model(), torch.randint(65, (2, 32)), torch.rand(2)
     ref = model(x, t)
@@ -1250,7 +1259,7 @@ REFUSALS = [
     (['--sample', '--out-dir', '{tmp}/none'], '--train --out-dir '),
     (['--sample', '--out-dir', '{d}', '--device', 'tpu'], 'not a device of this machine'),
     (['--sample', '--out-dir', '{d}', '--device', 'cuda:63'], 'not a device of this machine'),
-    (['--train', '--n-embd', '30', '--n-head', '4', '--data', DATA], '--n-embd 30 must split'),
+    (['--train', '--n-embd', '30', '--n-head', '4', '--data', DATA, '--out-dir', '{tmp}/x'], '--n-embd 30 must split'),
     (['--train', '--resume', '--out-dir', '{d}', '--n-layer', '3', '--max-iters', '41'],
      'cannot resume with n_layer 3'),
     (['--train', '--resume', '--gpt', '--out-dir', '{d}'], 'cannot resume with causal True'),
@@ -1381,3 +1390,13 @@ def test_a_temperature_too_small_to_divide_by_is_temperature_zero(trained, capsy
         assert mdlm.main(['--sample', '--temperature', temperature, '--out-dir', trained]) == 0
         outs.append(capsys.readouterr().out)
     assert outs[0] == outs[1] and mdlm.MASK_GLYPH not in outs[0]
+
+PRETRAINED_VAL = 1.93227   # estimate_loss on the first 4 val batches of 32, as measured when pretrained/ was made
+
+def test_the_pretrained_model_loads_and_scores_its_figure(tok, text):
+    """pretrained/ holds the default run's weights: a change of format or numerics that would strand it fails here."""
+    model, ptok, ckpt = mdlm.load_model(os.path.join(HERE, 'pretrained'))
+    assert ptok.itos == tok.itos and model.num_params() == 1_094_400 and ckpt['iter'] == 5000
+    val = mdlm.split_data(text, tok)[1]
+    assert mdlm.estimate_loss(model, val, 4, 32)[0] == pytest.approx(PRETRAINED_VAL, abs=2e-4)
+    assert mdlm.main(['--sample', '--out-dir', os.path.join(HERE, 'pretrained'), '--device', 'cpu']) == 0

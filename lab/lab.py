@@ -169,13 +169,23 @@ def frontier_picture(rows, path, title):
         star = 'default' in name
         ax.scatter(entropy, bits, marker='*' if star else 'o', s=120 if star else 30,
                    color='C1' if 'GPT' in name else 'C2' if 'real' in name else 'C3' if star else 'C0')
-        ax.annotate(name, (entropy, bits), fontsize=7, xytext=(3, 3), textcoords='offset points')
+    fig.canvas.draw()                     # the limits are final: place each label where no other lies
+    boxes = []
+    for name, bits, entropy, _ in rows:
+        x, y = ax.transData.transform((entropy, bits)) * 72 / fig.dpi          # in points
+        w = 3.6 * len(name)                                                     # about, at fontsize 7
+        for dx, dy in ((3, 3), (3, -10), (-3 - w, 3), (-3 - w, -10), (3, 12), (3, -19)):
+            box = (x + dx, y + dy, x + dx + w, y + dy + 8)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in boxes):
+                break
+        boxes.append(box)
+        ax.annotate(name, (entropy, bits), fontsize=7, xytext=(dx, dy), textcoords='offset points')
     gpt_bits, real_entropy = rows[-2][1], rows[-1][2]      # where text reads like the GPT's and like real text
     ax.axhline(1.5 * gpt_bits, color='grey', linestyle='--', linewidth=0.8)
     ax.axvline(real_entropy - 0.25, color='grey', linestyle='--', linewidth=0.8)
-    ax.annotate('right of and below the dashed lines:\nentropy within 0.25 bits of real text\'s,\n'
-                'bits/char within 1.5x of the GPT\'s own samples\'', (real_entropy - 0.25, 1.5 * gpt_bits),
-                fontsize=8, color='grey', xytext=(6, -8), textcoords='offset points', va='top')
+    ax.text(0.5, 0.02, 'the goal, right of and below the dashed lines: entropy within 0.25 bits of real text\'s,\n'
+            'bits/char within 1.5x of the GPT\'s own samples\'', transform=ax.transAxes, fontsize=8, color='grey',
+            ha='center', va='bottom')
     ax.set(xlabel='unigram entropy of a sample (bits): low = repetitive',
            ylabel='bits/char under the GPT judge: low = plausible', title=title)
     ax.grid(alpha=0.3)
@@ -413,13 +423,16 @@ def read_log(out_dir):
 
 def run_plot(args):
     """The training curves of each run in one picture: val solid, train dotted."""
-    logs = {d: read_log(d) for d in args.plot}
+    names = args.labels or args.plot
+    if len(names) != len(args.plot):
+        raise mdlm.CliError(f'--labels names {len(names)} runs, --plot draws {len(args.plot)}')
+    logs = {name: read_log(d) for name, d in zip(names, args.plot)}
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    for i, (d, rows) in enumerate(logs.items()):
+    for i, (name, rows) in enumerate(logs.items()):
         steps, train, val = zip(*rows)
-        ax.plot(steps, val, marker='.', color=f'C{i}', label=f'{d}: val')
-        ax.plot(steps, train, linestyle=':', color=f'C{i}', label=f'{d}: train')
+        ax.plot(steps, val, marker='.', color=f'C{i}', label=f'{name}: val')
+        ax.plot(steps, train, linestyle=':', color=f'C{i}', label=f'{name}: train')
     ax.set(xlabel='step', ylabel='nats/char (diffusion: NELBO bound; GPT: exact NLL)', title='training curves')
     ax.grid(alpha=0.3)
     ax.legend()
@@ -494,6 +507,7 @@ def build_parser():
     mode.add_argument('--eval-windows', type=int, metavar='N', help='the val figure of --eval on windows of N chars')
     mode.add_argument('--show-noise', metavar='TEXT', help='picture: the forward process on TEXT')
     mode.add_argument('--plot', nargs='+', metavar='DIR', help='picture: the training curves of each DIR/log.csv')
+    p.add_argument('--labels', nargs='+', metavar='NAME', help='--plot: a legend name for each DIR')
     mode.add_argument('--noise-levels', action='store_true', help='picture: val cross-entropy per noise level')
     mode.add_argument('--frames', action='store_true', help='picture: nine frames of a sample coming out of noise')
     p.add_argument('--questions', type=int, default=100, help='--infill-eval: words per length')
