@@ -1086,6 +1086,9 @@ def resume_config(ckpt, args):
     return config, changed
 
 def restore_state(ckpt, run, args):
+    if not ckpt['optimizer']:         # pretrained/: the weights alone
+        raise CliError(f'{run.ckpt_path} holds weights only, without the optimizer state that --resume needs: '
+                       f'it samples, completes, fills and evaluates')
     run.model.load_state_dict(ckpt['model'])
     try:
         assert len(ckpt['optimizer']) == len(run.optimizers)

@@ -1393,10 +1393,12 @@ def test_a_temperature_too_small_to_divide_by_is_temperature_zero(trained, capsy
 
 PRETRAINED_VAL = 1.93227   # estimate_loss on the first 4 val batches of 32, as measured when pretrained/ was made
 
-def test_the_pretrained_model_loads_and_scores_its_figure(tok, text):
+def test_the_pretrained_model_loads_and_scores_its_figure(tok, text, capsys):
     """pretrained/ holds the default run's weights: a change of format or numerics that would strand it fails here."""
     model, ptok, ckpt = mdlm.load_model(os.path.join(HERE, 'pretrained'))
     assert ptok.itos == tok.itos and model.num_params() == 1_094_400 and ckpt['iter'] == 5000
     val = mdlm.split_data(text, tok)[1]
     assert mdlm.estimate_loss(model, val, 4, 32)[0] == pytest.approx(PRETRAINED_VAL, abs=2e-4)
     assert mdlm.main(['--sample', '--out-dir', os.path.join(HERE, 'pretrained'), '--device', 'cpu']) == 0
+    assert mdlm.main(['--train', '--resume', '--out-dir', os.path.join(HERE, 'pretrained'), '--device', 'cpu']) == 1
+    assert 'holds weights only' in capsys.readouterr().err
