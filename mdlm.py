@@ -1041,7 +1041,8 @@ def load_checkpoint(path):
             reason = (str(e).strip() or type(e).__name__).splitlines()[0] if f.read(2) == b'PK' else \
                 'not a file that torch.save wrote'
         best = os.path.join(out_dir, 'best', 'ckpt.pt')
-        hint = f'; try its best checkpoint: --out-dir {os.path.dirname(best)}' if os.path.isfile(best) else ''
+        hint = f'; try its best checkpoint: --out-dir {os.path.dirname(best)}' if os.path.isfile(best) else \
+            f'; train again with: python mdlm.py --train --overwrite --out-dir {out_dir}'
         raise CliError(f'{path} is not a loadable checkpoint ({reason}){hint}')
     fmt = ckpt.get('format') if isinstance(ckpt, dict) else None
     if isinstance(fmt, str) and fmt.startswith('mdlm-') and fmt != FORMAT:   # the same weights, another network
