@@ -1139,6 +1139,8 @@ def check_out_dir(args, ckpt_path):
         raise CliError(f'--out-dir {args.out_dir} is a file, not a folder')
     if os.path.exists(ckpt_path) and not os.path.isfile(ckpt_path):
         raise CliError(f'{ckpt_path} is not a file: move it away, or train into another --out-dir')
+    if args.resume and not os.path.exists(ckpt_path):
+        load_checkpoint(ckpt_path)                 # its one line: no checkpoint there, and how to train one
     if os.path.exists(ckpt_path) and not args.resume and not args.overwrite:
         raise CliError(f'{ckpt_path} holds a run: continue it with --resume, or start over, replacing it, '
                        f'with --overwrite (or train into another --out-dir)')

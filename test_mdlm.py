@@ -1148,6 +1148,8 @@ def test_a_bad_out_dir_is_found_before_any_work_and_leaves_nothing(tmp_path, cap
         assert mdlm.main(['--train', '--max-iters', '1', *argv, *TINY[:-2], *gone]) == 1
         err = capsys.readouterr().err
         assert needle in err and 'no data file' not in err, err
+    assert mdlm.main(['--train', '--resume', '--out-dir', str(tmp_path / 'none'), *TINY]) == 1
+    assert 'no checkpoint at' in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ['afile', 'run'] and os.listdir(tmp_path / 'run') == ['ckpt.pt']
 
 class Evil:
