@@ -985,6 +985,14 @@ def autocast_for(device, dtype='auto'):
         return lambda: bf16_autocast(device.split(':')[0])
     return contextlib.nullcontext
 
+def in_precision(loss_fn, autocast):
+    """loss_fn with its forward pass and loss inside `autocast`, the run's precision (train_step's backward
+    and update stay outside it)."""
+    def loss_in_precision(model, *batch):
+        with autocast():
+            return loss_fn(model, *batch)
+    return loss_in_precision
+
 @contextlib.contextmanager
 def true_float32():
     """TF32 off: on a GPU, evaluation's matmuls in float32 itself, as the training log says."""
@@ -1304,10 +1312,7 @@ def train(args):
     old_handlers = {s: signal.signal(s, on_signal(run, args, stop)) for s in (signal.SIGINT, signal.SIGTERM)}
     B, T, rank, world, causal = args.batch_size, run.config.block_size, run.rank, run.world, run.config.causal
     start_it, loss, log_every, eval_seconds = run.it, None, max(1, args.eval_interval // 5), 0.0
-    loss_fn = gpt_loss if causal else LOSSES[args.loss]
-    def step_loss(model, *batch):           # the forward pass and the loss in the run's precision
-        with run.autocast():
-            return loss_fn(model, *batch)
+    step_loss = in_precision(gpt_loss if causal else LOSSES[args.loss], run.autocast)
     tic, tic_it = time.time(), run.it       # step timing restarts after each eval: ms/step is training alone
     try:
         while True:

@@ -1321,9 +1321,7 @@ def test_bf16_training_step_and_sampling_on_cpu(text, tok, monkeypatch):
     batch = mdlm.training_batch(data, 16, 32, MASK, torch.Generator().manual_seed(0))
     model = tiny_model().train()
     ref = mdlm.batch_loss(model, *batch).item()
-    def bf16_loss(model, *batch):
-        with mdlm.autocast_for('cpu')():
-            return mdlm.batch_loss(model, *batch)
+    bf16_loss = mdlm.in_precision(mdlm.batch_loss, mdlm.autocast_for('cpu'))
     loss = mdlm.train_step(model, [torch.optim.SGD(model.parameters(), lr=0.0)], batch, 0.0, bf16_loss)
     assert abs(loss.item() - ref) < 0.01 and loss.dtype == torch.float32, (loss.item(), ref)
     with mdlm.autocast_for('cpu')():

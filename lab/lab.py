@@ -311,14 +311,11 @@ def run_bench(args):
     def step(kind, autocast):
         model, opts = models[kind]
         loss_fn = mdlm.gpt_loss if kind == 'gpt' else mdlm.LOSSES[mdlm.RECIPE['loss']]
-        def step_loss(model, *batch):
-            with autocast():
-                return loss_fn(model, *batch)
         if kind == 'gpt':
             batch = mdlm.gpt_batch(data, B, T, tok.mask_id, batches)
         else:
             batch = mdlm.weighted_batch(data, B, T, tok.mask_id, batches, mdlm.PROPOSALS[mdlm.RECIPE['t_proposal']])
-        mdlm.train_step(model, opts, batch, p['lr'], step_loss)
+        mdlm.train_step(model, opts, batch, p['lr'], mdlm.in_precision(loss_fn, autocast))
     variants = {'diffusion, as mdlm trains': lambda: step('diffusion', autocast),
                 'diffusion, fused sdpa always': lambda: step('diffusion', fused),
                 'the GPT twin, as mdlm trains': lambda: step('gpt', autocast)}
